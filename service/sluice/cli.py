@@ -1,0 +1,92 @@
+"""The ``sluice`` command: ``sluice serve`` runs the gateway, ``sluice simulate`` the simulator.
+
+Flags override ``SLUICE_*`` environment variables, which override defaults
+(see :mod:`sluice.config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from .logs import configure_logging
+from .policies import Backpressure
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sluice",
+        description="Sluice: an OpenAI-compatible LLM streaming gateway built on trio.",
+        epilog="Every serve flag can also be set as SLUICE_<NAME> (e.g. SLUICE_PORT=8000).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. With no upstream configured it serves from an embedded simulated model.",
+    )
+    serve.add_argument("--host", help="address to listen on [SLUICE_HOST, default 127.0.0.1]")
+    serve.add_argument("--port", type=int, help="port to listen on [SLUICE_PORT, default 8000]")
+    serve.add_argument(
+        "--upstream-base-url",
+        help="OpenAI-compatible base URL including /v1, e.g. https://api.openai.com/v1 "
+        "[SLUICE_UPSTREAM_BASE_URL; default: the embedded simulator]",
+    )
+    serve.add_argument("--upstream-api-key", help="API key sent upstream as a bearer token [SLUICE_UPSTREAM_API_KEY]")
+    serve.add_argument(
+        "--buffer-size", type=int, help="per-stream channel capacity, in upstream reads [SLUICE_BUFFER_SIZE, default 16]"
+    )
+    serve.add_argument(
+        "--backpressure",
+        choices=[p.value for p in Backpressure],
+        help="default policy when a client reads slower than the upstream writes [SLUICE_BACKPRESSURE, default block]",
+    )
+    serve.add_argument("--max-wait-ms", type=float, help="how long the 'error' policy waits for room [SLUICE_MAX_WAIT_MS, default 1000]")
+    serve.add_argument("--max-streams", type=int, help="concurrent streams per worker before 503 [SLUICE_MAX_STREAMS, default 1024]")
+    serve.add_argument("--first-token-timeout", type=float, help="seconds to wait for the first token [SLUICE_FIRST_TOKEN_TIMEOUT, default 60]")
+    serve.add_argument("--idle-timeout", type=float, help="seconds allowed between upstream reads [SLUICE_IDLE_TIMEOUT, default 60]")
+    serve.add_argument("--ping-interval", type=float, help="seconds between ': ping' keep-alives before the first token [SLUICE_PING_INTERVAL, default 15]")
+    serve.add_argument("--max-body-bytes", type=int, help="request body limit; larger gets 413 [SLUICE_MAX_BODY_BYTES, default 8 MiB]")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR [SLUICE_LOG_LEVEL, default INFO]")
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the simulated OpenAI-compatible upstream alone",
+        description="Run the simulated upstream (see docs/simulator.md for the behaviour scheme).",
+    )
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=9000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        from .simulator.server import run_simulator
+
+        configure_logging("INFO")
+        run_simulator(args.host, args.port)
+        return 0
+    from .config import Settings
+
+    overrides: dict[str, Any] = {
+        name: value for name, value in vars(args).items() if name != "command" and value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"sluice: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    from .server import run
+
+    run(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""One exception hierarchy for the gateway, mapped once to OpenAI's error shape.
+
+Every error a client can see is a :class:`SluiceError`. Each carries the HTTP
+status it maps to and the four fields of OpenAI's error object
+(``message``, ``type``, ``param``, ``code``), so there is exactly one place
+(:meth:`SluiceError.to_dict`) that decides what a client reads, whether the
+error becomes a 4xx/5xx response before the stream starts or a final
+``data: {"error": ...}`` event after it started.
+
+Invariant: messages never contain upstream credentials. The gateway builds
+its messages from its own text and the upstream's status, never from the
+request it sent upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+
+class SluiceError(Exception):
+    """Base of every client-visible error."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code  # type: ignore[misc]  # per-instance override of the class default
+        self.headers: dict[str, str] = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    def to_sse_event(self) -> bytes:
+        """The one final event a broken stream ends with (no ``[DONE]`` after it)."""
+        return b"data: " + self.to_json_bytes() + b"\n\n"
+
+
+# --- the client's fault (4xx) -------------------------------------------------
+
+
+class InvalidRequest(SluiceError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class Unauthorized(SluiceError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(SluiceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(SluiceError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(SluiceError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(SluiceError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+# --- the upstream's or the gateway's fault ------------------------------------
+
+
+class UpstreamStatusError(SluiceError):
+    """The upstream answered with a non-2xx status; relayed with that status.
+
+    ``body`` is the upstream's own error body when it was OpenAI-shaped JSON,
+    so a client sees exactly what the provider said.
+    """
+
+    type = "upstream_error"
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, headers=headers)
+        self.status = status  # type: ignore[misc]
+        self.body = body
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.body is not None:
+            return self.body
+        return super().to_dict()
+
+
+class UpstreamUnavailable(SluiceError):
+    """Could not reach the upstream, or it broke before answering (502)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(SluiceError):
+    """The upstream did not answer in time (504)."""
+
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class StreamInterrupted(SluiceError):
+    """A stream that had started could not finish; sent as the final event."""
+
+    status = 502
+    type = "upstream_error"
+    code = "stream_interrupted"
+
+
+class BackpressureOverflow(SluiceError):
+    """The ``error`` backpressure policy gave up on a reader too slow to keep up."""
+
+    status = 503
+    type = "server_error"
+    code = "backpressure_overflow"
+
+
+class Overloaded(SluiceError):
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class ShuttingDown(SluiceError):
+    status = 503
+    type = "server_error"
+    code = "server_shutting_down"

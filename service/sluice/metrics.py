@@ -1,0 +1,152 @@
+"""Per-stream figures and their aggregate (no I/O).
+
+A :class:`StreamStats` is filled in by one relay as its stream runs; the
+relay updates plain attributes per *batch*, never per token, and computes
+derived figures (time to first token, tokens/s) once, when the stream ends.
+:class:`GatewayMetrics` folds finished streams into totals and keeps the
+live count; ``GET /metrics/backpressure`` serves :meth:`GatewayMetrics.snapshot`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+
+@dataclass(slots=True)
+class StreamStats:
+    request_id: str
+    model: str
+    policy: str
+    stream: bool = True
+    started_at: float = field(default_factory=trio.current_time)
+    first_token_at: float | None = None
+    ended_at: float | None = None
+    status: int = 200
+    #: ``done``, ``error:<code>``, ``client_disconnect``
+    outcome: str = "running"
+    upstream_attempts: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    usage_completion_tokens: int | None = None
+    batches: int = 0
+    peak_queue: int = 0
+    blocked_seconds: float = 0.0
+    dropped: int = 0
+    coalesced: int = 0
+    pings: int = 0
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.first_token_at is None:
+            return None
+        return (self.first_token_at - self.started_at) * 1000.0
+
+    @property
+    def total_ms(self) -> float:
+        end = self.ended_at if self.ended_at is not None else trio.current_time()
+        return (end - self.started_at) * 1000.0
+
+    @property
+    def token_count(self) -> int:
+        """Usage's completion tokens when the upstream reported them, else content deltas."""
+        return self.usage_completion_tokens if self.usage_completion_tokens is not None else self.tokens
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.first_token_at is None or self.ended_at is None:
+            return None
+        span = self.ended_at - self.first_token_at
+        return self.token_count / span if span > 0 else None
+
+    def figures(self) -> dict[str, Any]:
+        ttft = self.ttft_ms
+        tps = self.tokens_per_second
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "stream": self.stream,
+            "status": self.status,
+            "outcome": self.outcome,
+            "policy": self.policy,
+            "attempts": self.upstream_attempts,
+            "ttft_ms": None if ttft is None else round(ttft, 3),
+            "total_ms": round(self.total_ms, 3),
+            "chunks": self.chunks,
+            "tokens": self.token_count,
+            "tokens_per_s": None if tps is None else round(tps, 1),
+            "peak_queue": self.peak_queue,
+            "blocked_ms": round(self.blocked_seconds * 1000.0, 3),
+            "dropped": self.dropped,
+            "coalesced": self.coalesced,
+        }
+
+    def comment_text(self) -> str:
+        """One-line JSON for the ``: sluice {...}`` comment before the stream's last event."""
+        return "sluice " + json.dumps(self.figures(), separators=(",", ":"))
+
+
+class GatewayMetrics:
+    """Aggregate figures for one worker."""
+
+    def __init__(self) -> None:
+        self.active_streams = 0
+        self.requests = 0
+        self.outcomes: Counter[str] = Counter()
+        self.by_policy: dict[str, Counter[str]] = {}
+        self.totals: Counter[str] = Counter()
+        self.blocked_seconds = 0.0
+        self.peak_queue_max = 0
+        self._ttft_ms: list[float] = []
+
+    def stream_started(self) -> None:
+        self.active_streams += 1
+        self.requests += 1
+
+    def stream_finished(self, stats: StreamStats) -> None:
+        self.active_streams -= 1
+        self.outcomes[stats.outcome] += 1
+        policy = self.by_policy.setdefault(stats.policy, Counter())
+        policy["streams"] += 1
+        policy["dropped"] += stats.dropped
+        policy["coalesced"] += stats.coalesced
+        self.totals["chunks"] += stats.chunks
+        self.totals["tokens"] += stats.token_count
+        self.totals["dropped"] += stats.dropped
+        self.totals["coalesced"] += stats.coalesced
+        self.totals["pings"] += stats.pings
+        self.blocked_seconds += stats.blocked_seconds
+        if stats.peak_queue > self.peak_queue_max:
+            self.peak_queue_max = stats.peak_queue
+        ttft = stats.ttft_ms
+        if ttft is not None:
+            self._ttft_ms.append(ttft)
+            if len(self._ttft_ms) > 4096:  # a bounded window for the percentiles
+                del self._ttft_ms[:2048]
+
+    def snapshot(self) -> dict[str, Any]:
+        ttfts = sorted(self._ttft_ms)
+
+        def pct(q: float) -> float | None:
+            if not ttfts:
+                return None
+            return round(ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))], 3)
+
+        return {
+            "active_streams": self.active_streams,
+            "requests": self.requests,
+            "outcomes": dict(self.outcomes),
+            "chunks": self.totals["chunks"],
+            "tokens": self.totals["tokens"],
+            "dropped": self.totals["dropped"],
+            "coalesced": self.totals["coalesced"],
+            "pings": self.totals["pings"],
+            "blocked_ms": round(self.blocked_seconds * 1000.0, 3),
+            "peak_queue_max": self.peak_queue_max,
+            "ttft_ms": {"p50": pct(0.5), "p99": pct(0.99), "window": len(ttfts)},
+            "by_policy": {name: dict(counts) for name, counts in self.by_policy.items()},
+        }

@@ -1,0 +1,364 @@
+"""The per-stream relay: one nursery, a producer, a bounded channel, a consumer.
+
+::
+
+    upstream socket ──▶ producer task ──▶ memory channel (capacity N) ──▶ consumer ──▶ client
+                        (EventFramer,       (what one upstream read      (this object's
+                         policy on full)     returned, as one item)       __anext__, run by
+                                                                          Quart's send loop)
+
+:class:`StreamRelay` is a Quart ``ResponseBody``: an async context manager
+that is also an async iterator. ``__aenter__`` opens the stream's nursery and
+starts the producer; Quart's send loop iterates it (that iteration *is* the
+consumer); ``__aexit__`` cancels and joins the nursery. Owning the nursery in
+an object, rather than yielding from inside one in an async generator, keeps
+cancellation landing in the right task (PEP 789).
+
+Invariants:
+
+* The stream's nursery owns its upstream response: whatever ends the stream
+  (done, upstream fault, client gone), :meth:`StreamRelay.release` closes the
+  upstream response, shielded, exactly once.
+* The producer never raises into the nursery: a failure becomes the stream's
+  terminal error event, so the consumer is never cancelled by its producer.
+* The client receives whole events in upstream order, then exactly one
+  terminal event: ``data: [DONE]`` or one ``data: {"error": ...}``, each
+  preceded by one ``: sluice {...}`` figures comment. Nothing follows it.
+* Retries happen only while nothing of the upstream's body has reached the
+  channel (pings are comments, not content).
+* At most ``capacity`` batches are queued per stream: the channel's capacity
+  is the stream's memory bound in the gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import httpx2
+import trio
+from quart.wrappers.response import ResponseBody
+
+from .errors import (
+    BackpressureOverflow,
+    SluiceError,
+    StreamInterrupted,
+    UpstreamTimeout,
+)
+from .metrics import GatewayMetrics, StreamStats
+from .policies import Backpressure
+from .wire.openai import coalesce_events
+from .wire.sse import DONE_EVENT, EventFramer, comment_event, data_event
+
+log = logging.getLogger("sluice.stream")
+
+PING_EVENT = b": ping\n\n"
+#: how long a finished stream may keep reading the upstream's end of body
+REUSE_GRACE = 0.25
+
+OpenUpstream = Callable[[], Awaitable[httpx2.Response]]
+
+
+class StreamRelay(ResponseBody):
+    """One client stream, from its upstream request to its final event."""
+
+    def __init__(
+        self,
+        *,
+        open_upstream: OpenUpstream,
+        stats: StreamStats,
+        metrics: GatewayMetrics,
+        capacity: int,
+        policy: Backpressure,
+        max_wait: float,
+        first_token_timeout: float,
+        idle_timeout: float,
+        ping_interval: float,
+        max_reopens: int,
+    ) -> None:
+        self._open_upstream = open_upstream
+        self.stats = stats
+        self._metrics = metrics
+        self._capacity = capacity
+        self._policy = policy
+        self._max_wait = max_wait
+        self._first_token_deadline = stats.started_at + first_token_timeout
+        self._idle_timeout = idle_timeout
+        self._ping_interval = ping_interval
+        self._reopens_left = max_reopens
+
+        self._response: httpx2.Response | None = None
+        self._nursery_manager: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._receive: trio.MemoryReceiveChannel[bytes] | None = None
+        #: set by the producer when the stream cannot finish; sent as the final event
+        self._error: SluiceError | None = None
+        self._upstream_error_event: bytes | None = None
+        self._forwarded_any = False
+        self._finished = False
+        self._released = False
+
+    # --- before the response head -------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the upstream request (with retries); raise a client-visible error if it fails.
+
+        Runs in the route, before the response head, so a failure here gets
+        its own HTTP status. On any exit by exception the stream is released.
+        """
+        try:
+            with trio.move_on_at(self._first_token_deadline) as deadline:
+                self._response = await self._open_upstream()
+            if deadline.cancelled_caught:
+                raise UpstreamTimeout("The upstream did not answer in time.")
+        except BaseException as exc:
+            if isinstance(exc, SluiceError):
+                self.stats.status = exc.status
+                self.stats.outcome = f"error:{exc.code}"
+            await self.release()
+            raise
+
+    # --- the nursery --------------------------------------------------------------
+
+    async def __aenter__(self) -> StreamRelay:
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        send_channel, self._receive = trio.open_memory_channel[bytes](self._capacity)
+        self._nursery.start_soon(self._produce, send_channel)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery is not None
+        if exc_type is None and self._finished:
+            # Finished normally: the producer may still be reading the end of
+            # the upstream body so its connection can be reused; briefly.
+            self._nursery.cancel_scope.deadline = trio.current_time() + REUSE_GRACE
+        else:
+            # The client is gone: nothing the producer reads has a reader.
+            self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        finally:
+            await self.release()
+
+    async def release(self) -> None:
+        """Close the upstream response and account for the stream; idempotent, shielded."""
+        if self._released:
+            return
+        self._released = True
+        with trio.CancelScope(shield=True):
+            if self._response is not None:
+                with trio.move_on_after(1.0):
+                    await self._response.aclose()
+        stats = self.stats
+        stats.ended_at = trio.current_time()
+        if stats.outcome == "running":
+            stats.outcome = "client_disconnect"
+        if self._receive is not None:
+            stats.peak_queue = self._receive.statistics().peak_buffer_used
+        self._metrics.stream_finished(stats)
+        log.info({"event": "stream", **stats.figures()})
+
+    # --- the consumer (Quart's send loop iterates this) -----------------------------
+
+    def __aiter__(self) -> StreamRelay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._finished:
+            raise StopAsyncIteration
+        receive = self._receive
+        assert receive is not None
+        try:
+            try:
+                item = receive.receive_nowait()
+            except trio.WouldBlock:
+                if self.stats.first_token_at is None:
+                    # Waiting for the first token: keep proxies and browsers
+                    # from cutting an idle connection.
+                    with trio.move_on_after(self._ping_interval) as waiting:
+                        item = await receive.receive()
+                    if waiting.cancelled_caught:
+                        self.stats.pings += 1
+                        return PING_EVENT
+                else:
+                    item = await receive.receive()
+        except trio.EndOfChannel:
+            return self._finish()
+        # Batch: whatever else is already queued goes out in the same write.
+        parts: list[bytes] | None = None
+        while True:
+            try:
+                more = receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            except trio.EndOfChannel:
+                if parts is None:
+                    parts = [item]
+                parts.append(self._finish())
+                break
+            if parts is None:
+                parts = [item]
+            parts.append(more)
+        return item if parts is None else b"".join(parts)
+
+    def _finish(self) -> bytes:
+        """The stream's last bytes: the figures comment and one terminal event."""
+        self._finished = True
+        stats = self.stats
+        stats.ended_at = trio.current_time()
+        if self._receive is not None:
+            stats.peak_queue = self._receive.statistics().peak_buffer_used
+        if self._upstream_error_event is not None:
+            stats.outcome = "error:upstream_error_event"
+            terminal = self._upstream_error_event
+        elif self._error is not None:
+            stats.outcome = f"error:{self._error.code}"
+            terminal = self._error.to_sse_event()
+        else:
+            stats.outcome = "done"
+            terminal = DONE_EVENT
+        return comment_event(stats.comment_text()) + terminal
+
+    # --- the producer ------------------------------------------------------------------
+
+    async def _produce(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
+        async with send_channel:
+            try:
+                await self._pump(send_channel)
+            except SluiceError as exc:
+                self._error = exc
+            except Exception:
+                # A bug or an unmapped library error must still end the stream visibly.
+                log.exception("relay producer failed")
+                self._error = StreamInterrupted("The gateway failed while relaying the stream.")
+
+    async def _pump(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
+        stats = self.stats
+        framer = EventFramer()
+        deadline = trio.CancelScope(deadline=self._first_token_deadline)
+        while True:
+            response = self._response
+            assert response is not None
+            try:
+                with deadline:
+                    async with contextlib.aclosing(response.aiter_raw()) as chunks:
+                        async for chunk in chunks:
+                            payload = framer.feed(chunk)
+                            if payload:
+                                if not self._forwarded_any:
+                                    self._forwarded_any = True
+                                    stats.first_token_at = trio.current_time()
+                                stats.batches += 1
+                                await self._offer(send_channel, payload)
+                            if framer.finished:
+                                if framer.done:
+                                    await self._drain_for_reuse(send_channel, chunks)
+                                break
+                            deadline.deadline = trio.current_time() + self._idle_timeout
+            except httpx2.HTTPError as exc:
+                if await self._reopen_if_untouched():
+                    framer = EventFramer()
+                    continue
+                raise StreamInterrupted(
+                    f"The upstream connection broke mid-stream ({type(exc).__name__})."
+                ) from None
+            finally:
+                stats.chunks = framer.events
+                stats.tokens = framer.content_deltas
+            if deadline.cancelled_caught:
+                if self._forwarded_any:
+                    raise UpstreamTimeout(f"The upstream sent nothing for {self._idle_timeout:g} s.")
+                raise UpstreamTimeout("The upstream sent no first token in time.")
+            break
+        if framer.usage is not None:
+            completion = framer.usage.get("completion_tokens")
+            if isinstance(completion, int):
+                stats.usage_completion_tokens = completion
+        if framer.done:
+            return
+        if framer.error is not None:
+            self._upstream_error_event = data_event(
+                json.dumps({"error": framer.error}, separators=(",", ":")).encode()
+            )
+            return
+        if framer.malformed is not None:
+            raise StreamInterrupted(f"The upstream sent a malformed stream: {framer.malformed}")
+        raise StreamInterrupted("The upstream ended the stream without [DONE].")
+
+    async def _drain_for_reuse(self, send_channel: trio.MemorySendChannel[bytes], chunks: Any) -> None:
+        """After ``[DONE]``: let the consumer finish, then read the body's end.
+
+        The upstream ends its body right after ``[DONE]``; reading that end
+        (usually already buffered) returns the connection to the pool instead
+        of closing it, which saves a connect per request. Bounded: an upstream
+        that keeps the body open after ``[DONE]`` loses its connection instead.
+        """
+        await send_channel.aclose()
+        with trio.move_on_after(REUSE_GRACE):
+            async for _ in chunks:
+                pass
+
+    async def _reopen_if_untouched(self) -> bool:
+        """Retry a stream that broke before any of its body reached the client."""
+        if self._forwarded_any or self._reopens_left <= 0:
+            return False
+        self._reopens_left -= 1
+        assert self._response is not None
+        with trio.CancelScope(shield=True):
+            await self._response.aclose()
+        self._response = None
+        self._response = await self._open_upstream()
+        return True
+
+    async def _offer(self, send_channel: trio.MemorySendChannel[bytes], payload: bytes) -> None:
+        """Queue one batch, applying the stream's policy when the channel is full."""
+        try:
+            send_channel.send_nowait(payload)
+            return
+        except trio.WouldBlock:
+            pass
+        stats = self.stats
+        policy = self._policy
+        if policy is Backpressure.BLOCK:
+            waited_from = trio.current_time()
+            await send_channel.send(payload)
+            stats.blocked_seconds += trio.current_time() - waited_from
+        elif policy is Backpressure.DROP_NEWEST:
+            stats.dropped += payload.count(b"\n\n")
+        elif policy is Backpressure.DROP_OLDEST:
+            assert self._receive is not None
+            oldest = self._receive.receive_nowait()
+            stats.dropped += oldest.count(b"\n\n")
+            send_channel.send_nowait(payload)
+        elif policy is Backpressure.ERROR:
+            waited_from = trio.current_time()
+            with trio.move_on_after(self._max_wait):
+                await send_channel.send(payload)
+                stats.blocked_seconds += trio.current_time() - waited_from
+                return
+            stats.blocked_seconds += trio.current_time() - waited_from
+            raise BackpressureOverflow(
+                f"The client read too slowly: no room in the stream's buffer for {self._max_wait * 1000:g} ms."
+            )
+        else:  # COALESCE: take back what is queued and merge it with the new batch.
+            assert self._receive is not None
+            queued: list[bytes] = []
+            while True:
+                try:
+                    queued.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            queued.append(payload)
+            merged, merged_away = coalesce_events(b"".join(queued))
+            stats.coalesced += merged_away
+            send_channel.send_nowait(merged)

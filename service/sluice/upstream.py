@@ -1,0 +1,173 @@
+"""The upstream client: an httpx2 shell that opens requests, with retries before the first byte.
+
+Why httpx2 and not httpx 0.28.1: httpx2 is the maintained fork with the same
+API; its pool is single-pass (httpcore 1.0.9 rescans its pool per request,
+O(connections^2)) and a cancelled request does not leave a dead connection
+in the pool (httpcore issue 1093). ``tests/test_upstream_pool.py`` cancels
+many requests mid-body and checks the pool still serves.
+
+Invariants:
+
+* Every response this module returns is open and 2xx; the caller owns it and
+  must ``aclose()`` it. Every response it does not return is closed before
+  this module lets go of it, also when the calling task is cancelled.
+* Retries run only here, only before any byte of a body was handed out, and
+  only for connect errors/timeouts and 429/500/502/503/504.
+* The API key goes only into the ``Authorization`` header; it is never logged
+  and never part of an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import httpx2
+import trio
+
+from .errors import UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
+from .policies import RETRIABLE_STATUSES, RetriableUpstreamError, RetryPolicy, parse_retry_after
+
+#: error bodies larger than this are cut; an error message is never megabytes
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class UpstreamClient:
+    """One pooled connection to an OpenAI-compatible upstream (``base_url`` ends in ``/v1``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        max_connections: int,
+        connect_timeout: float,
+        retry_policy: RetryPolicy,
+        rcvbuf: int | None = None,
+    ) -> None:
+        headers = {"accept-encoding": "identity"}  # we relay bytes; never pay to decompress
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self.base_url = base_url
+        self.retry_policy = retry_policy
+        self._client = httpx2.AsyncClient(
+            base_url=base_url + "/",
+            headers=headers,
+            # The read deadline is the relay's (first token, then idle between
+            # reads), managed with one moving cancel scope per stream.
+            timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
+            transport=httpx2.AsyncHTTPTransport(
+                # Size the pool to the gateway's stream cap: stream N+1 must not
+                # queue behind a pool limit the gateway itself does not have.
+                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+                socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)] if rcvbuf else None,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def open_chat_stream(self, body: bytes, *, on_attempt: Any = None) -> httpx2.Response:
+        """POST a streaming chat request; return the open 2xx response, retrying what qualifies."""
+        return await self._with_retries(self._open_stream_once, body, on_attempt)
+
+    async def chat_completion(self, body: bytes, *, on_attempt: Any = None) -> httpx2.Response:
+        """POST a non-streaming chat request; return the 2xx response with its body read."""
+        return await self._with_retries(self._complete_once, body, on_attempt)
+
+    async def list_models(self) -> httpx2.Response:
+        return await self._with_retries(self._get_once, "models", None)
+
+    async def _with_retries(self, attempt_once: Any, arg: Any, on_attempt: Any) -> httpx2.Response:
+        try:
+            async for attempt in self.retry_policy.retrying():
+                with attempt:
+                    if on_attempt is not None:
+                        on_attempt()
+                    return await attempt_once(arg)
+        except RetriableUpstreamError as exc:
+            raise exc.cause from None
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    async def _open_stream_once(self, body: bytes) -> httpx2.Response:
+        request = self._client.build_request(
+            "POST", "chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+        response = await _send(self._client, request, stream=True)
+        if response.is_success:
+            return response
+        try:
+            if _small(response):
+                await response.aread()
+        except httpx2.HTTPError:
+            pass  # the status alone still tells the client what happened
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+        raise _status_failure(response)
+
+    async def _complete_once(self, body: bytes) -> httpx2.Response:
+        request = self._client.build_request(
+            "POST", "chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+        response = await _send(self._client, request, stream=False)
+        if response.is_success:
+            return response
+        raise _status_failure(response)
+
+    async def _get_once(self, path: str) -> httpx2.Response:
+        response = await _send(self._client, self._client.build_request("GET", path), stream=False)
+        if response.is_success:
+            return response
+        raise _status_failure(response)
+
+
+async def _send(client: httpx2.AsyncClient, request: httpx2.Request, *, stream: bool) -> httpx2.Response:
+    """One attempt; map transport failures to retriable gateway errors."""
+    try:
+        return await client.send(request, stream=stream)
+    except httpx2.TimeoutException as exc:
+        raise RetriableUpstreamError(UpstreamTimeout(f"The upstream did not answer in time ({type(exc).__name__}).")) from None
+    except (httpx2.ConnectError, httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError) as exc:
+        raise RetriableUpstreamError(UpstreamUnavailable(f"Could not reach the upstream ({type(exc).__name__}).")) from None
+    except httpx2.HTTPError as exc:
+        raise UpstreamUnavailable(f"Upstream request failed ({type(exc).__name__}).") from None
+
+
+def _small(response: httpx2.Response) -> bool:
+    length = response.headers.get("content-length")
+    return length is None or (length.isdigit() and int(length) <= _MAX_ERROR_BODY)
+
+
+def _status_failure(response: httpx2.Response) -> Exception:
+    """The client-visible error for an upstream non-2xx; retriable ones wrapped for tenacity."""
+    status = response.status_code
+    body: dict[str, Any] | None = None
+    try:
+        parsed = json.loads(response.content[:_MAX_ERROR_BODY]) if response.content else None
+    except (ValueError, httpx2.ResponseNotRead):
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        body = {"error": parsed["error"]}
+    headers: dict[str, str] = {}
+    retry_after = parse_retry_after(response.headers)
+    for name in ("retry-after", "retry-after-ms"):
+        if name in response.headers:
+            headers[name] = response.headers[name]
+    if status < 500:
+        # The client's problem as the provider described it: relayed as it is.
+        error = UpstreamStatusError(status, f"The upstream answered {status}.", body=body, headers=headers)
+    else:
+        # The provider failed: the gateway answers 502 (504 for a gateway timeout
+        # upstream) in its own words, naming what the provider said.
+        said = body["error"].get("message") if body else None
+        message = f"The upstream failed with {status} {response.reason_phrase}".rstrip()
+        error = UpstreamStatusError(
+            504 if status == 504 else 502,
+            f"{message}: {said}" if said else f"{message}.",
+            headers=headers,
+        )
+    if status in RETRIABLE_STATUSES:
+        return RetriableUpstreamError(error, retry_after=retry_after)
+    return error

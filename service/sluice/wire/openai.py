@@ -1,0 +1,200 @@
+"""OpenAI chat-completions shapes: the request model and chunk handling (sans-IO).
+
+The gateway validates only what it depends on and forwards every other
+field unchanged: :class:`ChatCompletionRequest` allows extra fields, and the
+relay forwards the client's own JSON rather than a re-serialised model, so
+numbers, key order and unknown fields (``tools``, ``response_format``, ...)
+reach the upstream exactly as the client wrote them.
+
+:func:`coalesce_events` is the ``coalesce`` backpressure policy's data
+half: it merges queued content deltas of the same choice into one chunk, and
+leaves every event it does not fully understand untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InvalidJSON, InvalidRequest
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+BackpressureName = Literal["block", "drop_oldest", "drop_newest", "error", "coalesce"]
+
+#: the body field a client may use to pick a policy; stripped before forwarding
+BACKPRESSURE_FIELD = "backpressure_strategy"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields the gateway depends on; anything else passes through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    backpressure_strategy: BackpressureName | None = None
+
+
+class ParsedRequest:
+    """A validated request and the exact bytes to forward upstream."""
+
+    __slots__ = ("model", "body", "upstream_body")
+
+    def __init__(self, model: ChatCompletionRequest, body: dict[str, Any], upstream_body: bytes) -> None:
+        self.model = model
+        self.body = body
+        self.upstream_body = upstream_body
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.model.stream)
+
+
+def parse_chat_request(raw: bytes) -> ParsedRequest:
+    """Validate a chat-completions body; raise :class:`InvalidRequest` with ``param``."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested JSON must be a 400, not a 500.
+        raise InvalidJSON(f"The request body is not valid JSON: {exc}".split("\n")[0]) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        model = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _invalid_request_from(exc) from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
+    if model.stream_options is not None and not model.stream:
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    if BACKPRESSURE_FIELD in body:
+        forwarded = {k: v for k, v in body.items() if k != BACKPRESSURE_FIELD}
+        upstream_body = json.dumps(forwarded, separators=(",", ":")).encode()
+    else:
+        upstream_body = raw
+    return ParsedRequest(model, body, upstream_body)
+
+
+def _invalid_request_from(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors(include_url=False)[0]
+    param = _param_name(first["loc"])
+    if first["type"] == "missing":
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    return InvalidRequest(
+        f"Invalid value for '{param}': {first['msg']}.", param=param or None, code="invalid_value"
+    )
+
+
+_UNION_LABELS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _param_name(loc: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "role")`` -> ``"messages[0].role"``, OpenAI's spelling."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part in _UNION_LABELS or not part.isidentifier():
+            continue  # a union-branch label pydantic adds to the location, not a field
+        else:
+            name += f".{part}" if name else str(part)
+    return name
+
+
+# --- coalescing -----------------------------------------------------------------
+
+_MERGEABLE_DELTA_KEYS = frozenset({"content", "role"})
+
+
+def coalesce_events(payload: bytes) -> tuple[bytes, int]:
+    """Merge consecutive content deltas per choice; return (events, events merged away).
+
+    A run of plain content chunks (one choice, delta of only ``content``/
+    ``role``, no ``finish_reason``, no logprobs) collapses into one chunk per
+    choice index, keeping the first chunk's metadata. Anything else (finish
+    chunks, tool calls, usage, unknown shapes) is a barrier kept as is, so
+    the merged stream carries exactly the same text in the same order per
+    choice. Cost: one ``json.loads`` per event, paid only while a ``coalesce``
+    stream's channel is full.
+    """
+    events = payload.split(b"\n\n")
+    events.pop()
+    out: list[bytes] = []
+    run: dict[int, dict[str, Any]] = {}
+    merged = 0
+
+    def flush() -> None:
+        for chunk in run.values():
+            out.append(b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n")
+        run.clear()
+
+    for event in events:
+        chunk = _mergeable_chunk(event)
+        if chunk is None:
+            flush()
+            out.append(event + b"\n\n")
+            continue
+        choice = chunk["choices"][0]
+        index = choice.get("index", 0)
+        held = run.get(index)
+        if held is None:
+            run[index] = chunk
+            continue
+        delta = held["choices"][0]["delta"]
+        delta["content"] = (delta.get("content") or "") + (choice["delta"].get("content") or "")
+        merged += 1
+    flush()
+    return b"".join(out), merged
+
+
+def _mergeable_chunk(event: bytes) -> dict[str, Any] | None:
+    if not event.startswith(b"data:"):
+        return None
+    try:
+        chunk = json.loads(event[5:])
+    except ValueError:
+        return None
+    if not isinstance(chunk, dict) or chunk.get("usage") is not None:
+        return None
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if (
+        not isinstance(delta, dict)
+        or choice.get("finish_reason") is not None
+        or choice.get("logprobs") is not None
+        or not set(delta) <= _MERGEABLE_DELTA_KEYS
+        or not isinstance(delta.get("content", ""), (str, type(None)))
+        or set(choice) - {"index", "delta", "finish_reason", "logprobs"}
+    ):
+        return None
+    return chunk

@@ -1,0 +1,89 @@
+"""Bad input gets OpenAI-shaped 4xx errors with the right status, never a 500."""
+
+from __future__ import annotations
+
+import httpx2
+import pytest
+
+from .conftest import GatewayFactory, chat_body
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def assert_openai_error(response: httpx2.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS
+    return error
+
+
+async def test_invalid_json_is_400(client: httpx2.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert assert_openai_error(response, 400)["code"] == "invalid_json"
+
+
+async def test_invalid_field_is_400_naming_the_param(client: httpx2.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json=chat_body(temperature=3))
+    error = assert_openai_error(response, 400)
+    assert error["param"] == "temperature"
+
+
+async def test_missing_messages_is_400(client: httpx2.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json={"model": "sim"})
+    assert assert_openai_error(response, 400)["param"] == "messages"
+
+
+async def test_unknown_route_is_404(client: httpx2.AsyncClient) -> None:
+    assert_openai_error(await client.get("/v1/nothing-here"), 404)
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"), ("PUT", "/health")])
+async def test_wrong_method_is_405(client: httpx2.AsyncClient, method: str, path: str) -> None:
+    response = await client.request(method, path)
+    assert_openai_error(response, 405)
+
+
+async def test_oversized_body_is_413(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(max_body_bytes=2048)
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        response = await http.post("/v1/chat/completions", json=chat_body(content="x" * 5000))
+    assert_openai_error(response, 413)
+
+
+async def test_oversized_chunked_body_is_413(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(max_body_bytes=2048)
+
+    async def body():  # no content-length: the limit must hold while reading
+        for _ in range(10):
+            yield b"x" * 1024
+
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        response = await http.post("/v1/chat/completions", content=body())
+    assert_openai_error(response, 413)
+
+
+async def test_invalid_utf8_is_400(client: httpx2.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", content=b'{"model":"\xff"}')
+    assert_openai_error(response, 400)
+
+
+async def test_deeply_nested_json_is_400(client: httpx2.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", content=b"[" * 50_000 + b"]" * 50_000)
+    assert_openai_error(response, 400)
+
+
+async def test_upstream_api_key_is_sent_upstream_and_never_shown(
+    start_gateway: GatewayFactory, simulator, capfd: pytest.CaptureFixture[str]
+) -> None:
+    secret = "sk-test-SECRET-never-shown-123"
+    gateway = await start_gateway(upstream_api_key=secret)
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        ok = await http.post("/v1/chat/completions", json=chat_body("sim:tokens=2", stream=False))
+        failed = await http.post("/v1/chat/completions", json=chat_body("sim:fault=status,status_code=401", stream=False))
+        metrics = await http.get("/metrics/backpressure")
+    assert ok.status_code == 200
+    assert simulator.stats.authorization_seen >= 1
+    out, err = capfd.readouterr()
+    for text in (ok.text, failed.text, metrics.text, out, err):
+        assert secret not in text

@@ -1,0 +1,215 @@
+"""The relay end to end: simulator -> real httpx2 -> gateway on hypercorn -> real client socket."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx2
+import pytest
+import trio
+
+from sluice.simulator import simulated_tokens
+
+from .conftest import Gateway, GatewayFactory, RunningSimulator, chat_body, stream_chat, wait_until
+from .rawclient import RawStream
+
+
+async def test_stream_delivers_the_simulators_exact_text_then_done(client: httpx2.AsyncClient) -> None:
+    response, sse = await stream_chat(client, chat_body("sim:tokens=40", content="tell me a story"))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert sse.text == "".join(simulated_tokens("tell me a story", 40))
+    assert sse.ended_with_done
+    assert sse.error is None
+    assert sse.chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_figures_comment_precedes_done_and_counts_the_stream(client: httpx2.AsyncClient) -> None:
+    _, sse = await stream_chat(client, chat_body("sim:tokens=25"))
+    assert sse.events[-2].startswith(b": sluice ")
+    figures = sse.figures
+    assert figures["outcome"] == "done"
+    assert figures["tokens"] == 25
+    assert figures["chunks"] == 27  # the role chunk, 25 tokens, the finish chunk
+    assert figures["ttft_ms"] is not None and figures["ttft_ms"] >= 0
+    assert figures["attempts"] == 1
+    assert {"total_ms", "tokens_per_s", "peak_queue", "blocked_ms", "dropped", "coalesced"} <= set(figures)
+
+
+async def test_usage_chunk_is_relayed_and_counts_tokens(client: httpx2.AsyncClient) -> None:
+    body = chat_body("sim:tokens=12", stream_options={"include_usage": True})
+    _, sse = await stream_chat(client, body)
+    usage_chunks = [c for c in sse.chunks if c.get("usage")]
+    assert len(usage_chunks) == 1 and usage_chunks[0]["choices"] == []
+    assert usage_chunks[0]["usage"]["completion_tokens"] == 12
+    assert sse.figures["tokens"] == 12
+    assert sse.ended_with_done
+
+
+async def test_non_stream_completion_is_relayed(client: httpx2.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json=chat_body("sim:tokens=9", stream=False, content="hi"))
+    assert response.status_code == 200
+    completion = response.json()
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == "".join(simulated_tokens("hi", 9))
+    assert response.headers["x-request-id"]
+
+
+async def test_unknown_fields_are_forwarded_and_backpressure_field_is_not(
+    client: httpx2.AsyncClient, simulator: RunningSimulator
+) -> None:
+    body = chat_body("sim:tokens=3", stream=False, tools=[{"type": "function", "function": {"name": "f"}}])
+    body["backpressure_strategy"] = "coalesce"
+    body["max_tokens"] = 2
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    # max_tokens reached the upstream: the simulator cut the text at 2 tokens.
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
+async def test_models_are_relayed_from_the_upstream(client: httpx2.AsyncClient) -> None:
+    response = await client.get("/v1/models")
+    assert response.status_code == 200
+    assert response.json()["object"] == "list"
+    assert any(m["id"] == "sim" for m in response.json()["data"])
+
+
+async def test_health_reports_active_streams(gateway: Gateway, client: httpx2.AsyncClient) -> None:
+    raw = await RawStream.open(gateway.url, chat_body("sim:tokens=500,itl_ms=20"))
+    await raw.read_until(b"data: {")
+    health = (await client.get("/health")).json()
+    assert health == {"status": "ok", "active_streams": 1}
+    await raw.close_fin()
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_client_disconnect_closes_the_upstream_request(
+    gateway: Gateway, simulator: RunningSimulator, how: str
+) -> None:
+    raw = await RawStream.open(gateway.url, chat_body("sim:tokens=2000,itl_ms=10"))
+    await raw.read_until(b"data: {")
+    assert simulator.stats.requests_closed_by_client == 0
+    await (raw.close_fin() if how == "fin" else raw.close_rst())
+    await wait_until(lambda: simulator.stats.requests_closed_by_client == 1)
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+    assert gateway.state.metrics.outcomes["client_disconnect"] == 1
+    assert simulator.stats.requests_completed == 0
+
+
+async def test_client_leaving_before_the_first_token_closes_the_upstream(
+    gateway: Gateway, simulator: RunningSimulator
+) -> None:
+    raw = await RawStream.open(gateway.url, chat_body("sim:tokens=5,ttft_ms=60000"))
+    await raw.read_head()
+    await wait_until(lambda: simulator.stats.active_requests == 1)
+    await raw.close_rst()
+    await wait_until(lambda: simulator.stats.requests_closed_by_client == 1)
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+
+
+async def test_pings_keep_the_stream_alive_before_the_first_token(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(ping_interval=0.02)
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        _, sse = await stream_chat(http, chat_body("sim:tokens=3,ttft_ms=400"))
+    first_data = next(i for i, e in enumerate(sse.events) if e.startswith(b"data:"))
+    assert sse.events[0] == b": ping"
+    assert all(e == b": ping" for e in sse.events[:first_data])
+    assert sse.ended_with_done
+    assert sse.figures["outcome"] == "done"
+
+
+async def test_one_structured_log_line_per_stream(client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sluice.stream")
+    await stream_chat(client, chat_body("sim:tokens=5"), headers={"x-request-id": "req-42"})
+    records = [r for r in caplog.records if r.name == "sluice.stream" and isinstance(r.msg, dict)]
+    assert len(records) == 1
+    assert records[0].msg["request_id"] == "req-42"
+    assert records[0].msg["outcome"] == "done"
+    assert records[0].msg["tokens"] == 5
+
+
+async def test_aggregate_metrics_sum_the_streams(client: httpx2.AsyncClient) -> None:
+    for _ in range(3):
+        await stream_chat(client, chat_body("sim:tokens=10"))
+    metrics = (await client.get("/metrics/backpressure")).json()
+    assert metrics["outcomes"] == {"done": 3}
+    assert metrics["tokens"] == 30
+    assert metrics["active_streams"] == 0
+    assert metrics["ttft_ms"]["window"] == 3
+    assert metrics["by_policy"]["block"]["streams"] == 3
+
+
+async def test_the_openai_sdk_streams_and_completes_through_the_gateway(gateway: Gateway) -> None:
+    openai = pytest.importorskip("openai")
+
+    def use_sdk() -> tuple[str, str]:
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key="not-needed", max_retries=0)
+        streamed = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in sdk.chat.completions.create(
+                model="sim:tokens=30", messages=[{"role": "user", "content": "sdk"}], stream=True
+            )
+            if chunk.choices
+        )
+        completed = sdk.chat.completions.create(
+            model="sim:tokens=30", messages=[{"role": "user", "content": "sdk"}]
+        ).choices[0].message.content
+        sdk.close()
+        return streamed, completed or ""
+
+    streamed, completed = await trio.to_thread.run_sync(use_sdk)
+    expected = "".join(simulated_tokens("sdk", 30))
+    assert streamed == expected
+    assert completed == expected
+
+
+async def test_the_openai_sdk_raises_on_a_stream_that_breaks(gateway: Gateway) -> None:
+    openai = pytest.importorskip("openai")
+
+    def use_sdk() -> str:
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+        text = ""
+        try:
+            for chunk in sdk.chat.completions.create(
+                model="sim:tokens=30,fault=reset,after=5", messages=[{"role": "user", "content": "x"}], stream=True
+            ):
+                text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+        except openai.APIError as exc:
+            return f"raised: {exc.message}"
+        finally:
+            sdk.close()
+        return "no error"
+
+    outcome = await trio.to_thread.run_sync(use_sdk)
+    assert outcome.startswith("raised:")
+    assert "mid-stream" in outcome
+
+
+async def test_request_id_is_taken_from_the_client(client: httpx2.AsyncClient) -> None:
+    response, sse = await stream_chat(client, chat_body("sim:tokens=2"), headers={"x-request-id": "abc"})
+    assert response.headers["x-request-id"] == "abc"
+    assert sse.figures["request_id"] == "abc"
+
+
+async def test_many_concurrent_streams_each_get_their_own_text(client: httpx2.AsyncClient) -> None:
+    results: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        _, sse = await stream_chat(client, chat_body("sim:tokens=20,itl_ms=1", content=f"prompt {i}"))
+        assert sse.ended_with_done
+        results[i] = sse.text
+
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(one, i)
+    for i, text in results.items():
+        assert text == "".join(simulated_tokens(f"prompt {i}", 20))
+    assert len(results) == 40
+
+
+async def test_malformed_sim_parameters_are_relayed_as_400(client: httpx2.AsyncClient) -> None:
+    response = await client.post("/v1/chat/completions", json=chat_body("sim:tokens=many"))
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
