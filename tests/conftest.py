@@ -7,9 +7,7 @@ here lives in the test's nursery and is cancelled when the test ends.
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
@@ -17,45 +15,40 @@ import pytest
 import trio
 from hypercorn.trio import serve
 
-from sluice.app import GatewayState, create_app
+from sluice.app import create_app
 from sluice.config import Settings
 from sluice.server import hypercorn_config, listening_socket
 from sluice.simulator import Simulator
 
-
-@dataclass
-class Gateway:
-    url: str  # http://127.0.0.1:PORT
-    state: GatewayState
-    settings: Settings
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
+from .rawclient import RawStream
+from .support import Gateway, GatewayFactory, RunningSimulator
 
 
-@dataclass
-class RunningSimulator:
-    simulator: Simulator
-    base_url: str  # http://127.0.0.1:PORT/v1
+@pytest.fixture
+async def close_raw_clients(nursery: trio.Nursery) -> AsyncIterator[None]:
+    """Close raw clients a test left open, before its services are torn down."""
+    yield
+    while RawStream.opened:
+        raw = RawStream.opened.pop()
+        with trio.move_on_after(5):
+            try:
+                await raw.close_rst()
+            except (trio.ClosedResourceError, OSError):
+                pass  # the test closed it already
 
-    @property
-    def stats(self) -> Any:
-        return self.simulator.stats
-
-
-GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
 async def simulator(nursery: trio.Nursery) -> RunningSimulator:
-    sim = Simulator()
+    # A pinned send buffer: backpressure reaches the simulator's writes after
+    # ~64 KiB instead of after the kernel's autotuned megabytes.
+    sim = Simulator(send_buffer=65536)
     port = await nursery.start(sim.serve, "127.0.0.1", 0)
     return RunningSimulator(sim, f"http://127.0.0.1:{port}/v1")
 
 
 @pytest.fixture
-def start_gateway(nursery: trio.Nursery, simulator: RunningSimulator) -> GatewayFactory:
+def start_gateway(nursery: trio.Nursery, simulator: RunningSimulator, close_raw_clients: None) -> GatewayFactory:
     """Start a gateway with the given settings, pointed at the simulator by default."""
 
     async def start(**overrides: Any) -> Gateway:
@@ -79,73 +72,3 @@ async def client(gateway: Gateway) -> AsyncIterator[httpx2.AsyncClient]:
         yield http
 
 
-# --- helpers ----------------------------------------------------------------------
-
-
-def chat_body(model: str = "sim", *, stream: bool = True, content: str = "hello", **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream, **extra}
-
-
-@dataclass
-class SSEResult:
-    """A stream as a client read it."""
-
-    raw: bytes
-    events: list[bytes]  # each event's text without the trailing blank line
-
-    @property
-    def data(self) -> list[str]:
-        return [e[len(b"data: ") :].decode() for e in self.events if e.startswith(b"data: ")]
-
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        return [json.loads(d) for d in self.data if d != "[DONE]" and not d.startswith('{"error"')]
-
-    @property
-    def text(self) -> str:
-        out = []
-        for chunk in self.chunks:
-            for choice in chunk.get("choices", []):
-                out.append(choice.get("delta", {}).get("content") or "")
-        return "".join(out)
-
-    @property
-    def comments(self) -> list[str]:
-        return [e.decode() for e in self.events if e.startswith(b":")]
-
-    @property
-    def figures(self) -> dict[str, Any]:
-        [line] = [c for c in self.comments if c.startswith(": sluice ")]
-        return json.loads(line[len(": sluice ") :])
-
-    @property
-    def error(self) -> dict[str, Any] | None:
-        for d in self.data:
-            if d.startswith('{"error"'):
-                return json.loads(d)["error"]
-        return None
-
-    @property
-    def ended_with_done(self) -> bool:
-        return bool(self.events) and self.events[-1] == b"data: [DONE]"
-
-
-def parse_sse(raw: bytes) -> SSEResult:
-    events = [e for e in raw.replace(b"\r\n", b"\n").split(b"\n\n") if e]
-    return SSEResult(raw, events)
-
-
-async def stream_chat(
-    http: httpx2.AsyncClient, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> tuple[httpx2.Response, SSEResult]:
-    with trio.fail_after(30):
-        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
-            raw = b"".join([chunk async for chunk in response.aiter_raw()])
-    return response, parse_sse(raw)
-
-
-async def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    """Poll a condition (a behaviour, not a timing: the timeout only stops a hang)."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)

@@ -18,7 +18,15 @@ import trio
 
 
 class RawStream:
-    """One request on its own connection; read the response body at the test's pace."""
+    """One request on its own connection; read the response body at the test's pace.
+
+    Every stream opened is remembered in :attr:`opened` so the test fixture
+    can close the ones a failing test left open: a client that stays
+    connected without reading would otherwise pin the gateway's shielded
+    send, and the test's nursery, forever.
+    """
+
+    opened: list[RawStream] = []
 
     def __init__(self, sock_stream: trio.SocketStream) -> None:
         self.stream = sock_stream
@@ -45,6 +53,7 @@ class RawStream:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         await sock.connect((parts.hostname, parts.port))
         raw = cls(trio.SocketStream(sock))
+        cls.opened.append(raw)
         payload = json.dumps(body).encode()
         request_headers = [
             ("host", f"{parts.hostname}:{parts.port}"),

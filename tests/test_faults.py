@@ -7,7 +7,7 @@ import pytest
 
 from sluice.simulator import simulated_tokens
 
-from .conftest import Gateway, GatewayFactory, RunningSimulator, chat_body, stream_chat
+from .support import Gateway, GatewayFactory, RunningSimulator, chat_body, stream_chat
 
 FAST_RETRIES = {"retry_backoff_initial": 0.0, "retry_backoff_max": 0.0}
 
@@ -151,7 +151,7 @@ async def test_stall_before_the_first_token_ends_with_a_timeout_error_event(
         _, sse = await stream_chat(http, chat_body("sim:tokens=20,fault=stall,after=0"))
     assert sse.error is not None and sse.error["code"] == "upstream_timeout"
     assert sse.chunks == []
-    from .conftest import wait_until
+    from .support import wait_until
 
     await wait_until(lambda: simulator.stats.requests_closed_by_client == 1)
 
@@ -160,7 +160,7 @@ async def test_malformed_chunk_ends_with_an_error_event_and_is_not_forwarded(htt
     _, sse = await stream_chat(http, chat_body("sim:tokens=10,fault=malformed,after=2"))
     assert sse.error is not None and sse.error["code"] == "stream_interrupted"
     assert "malformed" in sse.error["message"]
-    assert b"{not json" not in sse.raw
+    assert b"data: {not json" not in sse.raw
 
 
 async def test_stream_ending_without_done_ends_with_an_error_event(http: httpx2.AsyncClient) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx2
 import pytest
 
-from .conftest import GatewayFactory, chat_body
+from .support import GatewayFactory, chat_body
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 

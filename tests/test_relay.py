@@ -10,7 +10,7 @@ import trio
 
 from sluice.simulator import simulated_tokens
 
-from .conftest import Gateway, GatewayFactory, RunningSimulator, chat_body, stream_chat, wait_until
+from .support import Gateway, GatewayFactory, RunningSimulator, chat_body, stream_chat, wait_until
 from .rawclient import RawStream
 
 

@@ -120,7 +120,6 @@ def create_app(settings: Settings) -> SluiceApp:
             max_connections=settings.max_streams,
             connect_timeout=settings.connect_timeout,
             retry_policy=settings.retry_policy,
-            rcvbuf=settings.upstream_rcvbuf,
         )
 
     @app.after_serving

@@ -48,8 +48,6 @@ class Settings(BaseSettings):
 
     #: SO_SNDBUF of client connections in bytes; unset = kernel autotuning
     client_sndbuf: int | None = Field(default=None, ge=1024)
-    #: SO_RCVBUF of upstream connections in bytes; unset = kernel autotuning
-    upstream_rcvbuf: int | None = Field(default=None, ge=1024)
 
     # --- requests ------------------------------------------------------------------
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

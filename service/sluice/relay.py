@@ -245,10 +245,13 @@ class StreamRelay(ResponseBody):
     async def _pump(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
         stats = self.stats
         framer = EventFramer()
-        deadline = trio.CancelScope(deadline=self._first_token_deadline)
+        deadline_at = self._first_token_deadline
         while True:
             response = self._response
             assert response is not None
+            # One scope per attempt (a scope is single-use); its deadline moves
+            # on every read rather than a new scope per read.
+            deadline = trio.CancelScope(deadline=deadline_at)
             try:
                 with deadline:
                     async with contextlib.aclosing(response.aiter_raw()) as chunks:
@@ -262,6 +265,7 @@ class StreamRelay(ResponseBody):
                                 await self._offer(send_channel, payload)
                             if framer.finished:
                                 if framer.done:
+                                    self._account(framer)  # before the consumer writes the figures
                                     await self._drain_for_reuse(send_channel, chunks)
                                 break
                             deadline.deadline = trio.current_time() + self._idle_timeout
@@ -273,17 +277,12 @@ class StreamRelay(ResponseBody):
                     f"The upstream connection broke mid-stream ({type(exc).__name__})."
                 ) from None
             finally:
-                stats.chunks = framer.events
-                stats.tokens = framer.content_deltas
+                self._account(framer)
             if deadline.cancelled_caught:
                 if self._forwarded_any:
                     raise UpstreamTimeout(f"The upstream sent nothing for {self._idle_timeout:g} s.")
                 raise UpstreamTimeout("The upstream sent no first token in time.")
             break
-        if framer.usage is not None:
-            completion = framer.usage.get("completion_tokens")
-            if isinstance(completion, int):
-                stats.usage_completion_tokens = completion
         if framer.done:
             return
         if framer.error is not None:
@@ -294,6 +293,15 @@ class StreamRelay(ResponseBody):
         if framer.malformed is not None:
             raise StreamInterrupted(f"The upstream sent a malformed stream: {framer.malformed}")
         raise StreamInterrupted("The upstream ended the stream without [DONE].")
+
+    def _account(self, framer: EventFramer) -> None:
+        stats = self.stats
+        stats.chunks = framer.events
+        stats.tokens = framer.content_deltas
+        if framer.usage is not None:
+            completion = framer.usage.get("completion_tokens")
+            if isinstance(completion, int):
+                stats.usage_completion_tokens = completion
 
     async def _drain_for_reuse(self, send_channel: trio.MemorySendChannel[bytes], chunks: Any) -> None:
         """After ``[DONE]``: let the consumer finish, then read the body's end.

@@ -40,7 +40,9 @@ def listening_socket(settings: Settings) -> socket.socket:
 
 def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
+    # detach(): hypercorn's own socket object takes the descriptor over; ours
+    # must not close it when it is garbage-collected.
+    config.bind = [f"fd://{sock.detach()}"]
     config.backlog = 4096
     config.read_timeout = None
     config.keep_alive_timeout = 75.0

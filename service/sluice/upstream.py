@@ -20,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 import httpx2
@@ -44,7 +43,6 @@ class UpstreamClient:
         max_connections: int,
         connect_timeout: float,
         retry_policy: RetryPolicy,
-        rcvbuf: int | None = None,
     ) -> None:
         headers = {"accept-encoding": "identity"}  # we relay bytes; never pay to decompress
         if api_key:
@@ -61,7 +59,6 @@ class UpstreamClient:
                 # Size the pool to the gateway's stream cap: stream N+1 must not
                 # queue behind a pool limit the gateway itself does not have.
                 limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-                socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)] if rcvbuf else None,
             ),
         )
 

@@ -1,0 +1,494 @@
+"""The simulator's I/O: a lean HTTP/1.1 server on raw non-blocking sockets, h11 for framing.
+
+Why not Quart or hypercorn: the simulator is the upstream of every test and
+benchmark and shares a core with the load generator; a framework's
+per-request and per-chunk layers would make it the bottleneck. Here a token
+costs one pre-encoded ``bytes`` concatenation and, when tokens are spaced in
+time, one ``send``.
+
+Why raw sockets and not ``trio.SocketStream``: the simulator must report
+*how long its writes waited for the peer* (proof that a gateway's
+backpressure reached its upstream). Trying ``send`` first and timing only
+``wait_writable`` measures exactly that, with no scheduler noise.
+
+Invariants:
+
+* Every request is counted once in ``requests_started`` and ends in exactly
+  one of ``requests_completed``, ``requests_closed_by_client``, ``requests_faulted``.
+* A client that closes its connection is noticed within one scheduler tick,
+  also while the simulator is sleeping between tokens or stalled: a watcher
+  task waits on the socket for EOF during every streamed response.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+import struct
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import h11
+import trio
+
+from .behaviour import (
+    Behaviour,
+    ChunkEncoder,
+    SimParamError,
+    completion_body,
+    error_body,
+    parse_behaviour,
+    prompt_of,
+    prompt_tokens,
+    simulated_tokens,
+)
+
+log = logging.getLogger("sluice.simulator")
+
+_BATCH_BYTES = 65536
+_MAX_FAULT_KEYS = 100_000
+
+
+@dataclass
+class SimulatorStats:
+    requests_started: int = 0
+    requests_completed: int = 0
+    requests_closed_by_client: int = 0
+    requests_faulted: int = 0
+    active_requests: int = 0
+    write_wait_seconds_total: float = 0.0
+    authorization_seen: int = 0
+    records: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["records"] = list(self.records)
+        return data
+
+
+class _ClientGone(Exception):
+    """The peer closed or reset the connection."""
+
+
+class _Socket:
+    """A non-blocking socket with just the operations the simulator needs."""
+
+    __slots__ = ("sock", "closed")
+
+    def __init__(self, sock: socket.socket, send_buffer: int | None = None) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if send_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        self.sock = sock
+        self.closed = False
+
+    async def recv(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError:
+                return b""
+
+    async def send_all(self, data: bytes) -> float:
+        """Send everything; return the seconds spent waiting for the peer to make room."""
+        waited = 0.0
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                began = trio.current_time()
+                await trio.lowlevel.wait_writable(self.sock)
+                waited += trio.current_time() - began
+                continue
+            except OSError as exc:
+                raise _ClientGone(str(exc)) from None
+            view = view[sent:]
+        return waited
+
+    def close(self, *, reset: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if reset:
+            # SO_LINGER with a zero timeout: close() sends RST, not FIN.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
+class Simulator:
+    """A fake OpenAI-compatible model server (see docs/simulator.md)."""
+
+    def __init__(self, *, send_buffer: int | None = None) -> None:
+        #: SO_SNDBUF for responses; small values make a reader's backpressure
+        #: reach the simulator's writes sooner (kernel autotuning otherwise)
+        self.send_buffer = send_buffer
+        self.stats = SimulatorStats()
+        self.port: int | None = None
+        self._fault_counts: dict[str, int] = {}
+        self._ids = itertools.count(1)
+
+    def reset(self) -> None:
+        self.stats = SimulatorStats()
+        self._fault_counts.clear()
+
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until cancelled; ``task_status.started(port)`` once listening."""
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(4096)
+        listener.setblocking(False)
+        self.port = listener.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(self.port)
+                while True:
+                    await trio.lowlevel.wait_readable(listener)
+                    while True:
+                        try:
+                            sock, _ = listener.accept()
+                        except BlockingIOError:
+                            break
+                        nursery.start_soon(self._serve_connection, _Socket(sock, self.send_buffer))
+        finally:
+            listener.close()
+
+    # --- HTTP/1.1 ----------------------------------------------------------------------
+
+    async def _serve_connection(self, conn: _Socket) -> None:
+        http = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body = await self._read_request(conn, http)
+                if request is None:
+                    return
+                await self._dispatch(conn, http, request, body)
+                if conn.closed or http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                    return
+                http.start_next_cycle()
+        except* (_ClientGone, h11.ProtocolError, trio.ClosedResourceError, OSError):
+            pass  # the peer went away or spoke nonsense: nothing left to answer
+        finally:
+            conn.close()
+
+    async def _read_request(self, conn: _Socket, http: h11.Connection) -> tuple[h11.Request | None, bytes]:
+        request: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                data = await conn.recv()
+                http.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None, b""
+
+    async def _send_simple(
+        self, conn: _Socket, http: h11.Connection, status: int, body: bytes, extra: list[tuple[str, str]] | None = None
+    ) -> None:
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))), *(extra or [])]
+        data = http.send(h11.Response(status_code=status, headers=headers))
+        data += http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage())
+        await conn.send_all(data)
+
+    async def _dispatch(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        method = request.method.decode("latin-1")
+        routes = {
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/models": ("GET", self._models),
+            "/sim/stats": ("GET", self._stats_route),
+            "/sim/reset": ("POST", self._reset_route),
+        }
+        route = routes.get(path)
+        if route is None:
+            await self._send_simple(conn, http, 404, error_body(f"Unknown URL {path}", code="not_found"))
+        elif route[0] != method:
+            await self._send_simple(
+                conn, http, 405, error_body(f"Method {method} not allowed", code="method_not_allowed"), [("allow", route[0])]
+            )
+        else:
+            await route[1](conn, http, request, body)
+
+    async def _models(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+        models = {"object": "list", "data": [{"id": "sim", "object": "model", "created": 0, "owned_by": "sluice-simulator"}]}
+        await self._send_simple(conn, http, 200, json.dumps(models).encode())
+
+    async def _stats_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+        await self._send_simple(conn, http, 200, json.dumps(self.stats.as_json()).encode())
+
+    async def _reset_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+        self.reset()
+        await self._send_simple(conn, http, 200, b'{"reset":true}')
+
+    # --- chat completions ----------------------------------------------------------------
+
+    async def _chat(self, conn: _Socket, http: h11.Connection, request: h11.Request, raw: bytes) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            await self._send_simple(conn, http, 400, error_body("The body is not valid JSON.", code="invalid_json"))
+            return
+        model = payload.get("model") if isinstance(payload, dict) else None
+        messages = payload.get("messages") if isinstance(payload, dict) else None
+        if not isinstance(model, str) or not isinstance(messages, list) or not messages:
+            await self._send_simple(
+                conn, http, 400, error_body("'model' (string) and 'messages' (non-empty list) are required.", param="messages")
+            )
+            return
+        try:
+            behaviour = parse_behaviour(model, headers)
+        except SimParamError as exc:
+            await self._send_simple(conn, http, 400, error_body(str(exc), param="model", code="invalid_sim_param"))
+            return
+        behaviour = self._apply_fail_times(behaviour)
+        stats = self.stats
+        stats.requests_started += 1
+        stats.active_requests += 1
+        if "authorization" in headers:
+            stats.authorization_seen += 1
+        record: dict[str, Any] = {
+            "id": next(self._ids),
+            "model": model,
+            "stream": bool(payload.get("stream")),
+            "outcome": "running",
+            "chunks_sent": 0,
+            "started_at": time.monotonic(),
+            "ended_at": None,
+            "closed_at": None,
+            "write_wait_seconds": 0.0,
+        }
+        stats.records.append(record)
+        try:
+            await self._answer(conn, http, payload, behaviour, record)
+        except _ClientGone:
+            record["outcome"] = "closed_by_client"
+            record["closed_at"] = record["closed_at"] or time.monotonic()
+        finally:
+            record["ended_at"] = time.monotonic()
+            stats.active_requests -= 1
+            if record["outcome"] == "running":
+                # Cancelled from outside (the simulator is stopping): count it as closed.
+                record["outcome"] = "closed_by_client"
+            if record["outcome"] == "completed":
+                stats.requests_completed += 1
+            elif record["outcome"] == "closed_by_client":
+                stats.requests_closed_by_client += 1
+            else:
+                stats.requests_faulted += 1
+
+    def _apply_fail_times(self, behaviour: Behaviour) -> Behaviour:
+        if behaviour.fault is None or behaviour.fail_times is None:
+            return behaviour
+        key = behaviour.fault_key or ""
+        count = self._fault_counts.get(key, 0)
+        if count >= behaviour.fail_times:
+            return replace(behaviour, fault=None)
+        if len(self._fault_counts) >= _MAX_FAULT_KEYS:
+            self._fault_counts.clear()
+        self._fault_counts[key] = count + 1
+        return behaviour
+
+    async def _answer(
+        self, conn: _Socket, http: h11.Connection, payload: dict[str, Any], behaviour: Behaviour, record: dict[str, Any]
+    ) -> None:
+        if behaviour.fault == "disconnect_before_headers":
+            record["outcome"] = "fault"
+            conn.close()
+            return
+        if behaviour.fault == "status":
+            record["outcome"] = "fault"
+            extra: list[tuple[str, str]] = []
+            if behaviour.status_code == 429 or behaviour.retry_after is not None:
+                retry_after = behaviour.retry_after if behaviour.retry_after is not None else 1
+                extra.append(("retry-after", f"{retry_after:g}"))
+            if behaviour.retry_after_ms is not None:
+                extra.append(("retry-after-ms", f"{behaviour.retry_after_ms:g}"))
+            kind = "rate_limit_error" if behaviour.status_code == 429 else (
+                "server_error" if behaviour.status_code >= 500 else "invalid_request_error"
+            )
+            body = error_body(f"simulated {behaviour.status_code}", type_=kind, code=f"simulated_{behaviour.status_code}")
+            await self._send_simple(conn, http, behaviour.status_code, body, extra)
+            return
+        limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        count = behaviour.tokens
+        finish_reason = "stop"
+        if isinstance(limit, int) and 0 < limit < count:
+            count, finish_reason = limit, "length"
+        tokens = simulated_tokens(prompt_of(payload["messages"]), count, behaviour.seed)
+        n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 1) > 0 else 1
+        completion_id = f"chatcmpl-sim-{record['id']}"
+        created = int(time.time())
+        model = payload["model"]
+        if payload.get("stream"):
+            stream_options = payload.get("stream_options")
+            include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+            encoder = ChunkEncoder(completion_id, created, model, include_usage=include_usage)
+            usage = encoder.usage(prompt_tokens(payload["messages"]), count) if include_usage else b""
+            await self._stream(conn, http, behaviour, encoder, tokens, n, finish_reason, usage, record)
+            return
+        delay = (behaviour.ttft_ms + behaviour.itl_ms * max(0, count - 1)) / 1000.0
+        if delay:
+            await self._watching(conn, http, record, trio.sleep, delay)
+        text = "".join(tokens)
+        body = completion_body(completion_id, created, model, text, finish_reason, n, prompt_tokens(payload["messages"]), count)
+        await self._send_simple(conn, http, 200, json.dumps(body).encode())
+        record["outcome"] = "completed"
+
+    async def _watching(self, conn: _Socket, http: h11.Connection, record: dict[str, Any], fn: Any, *args: Any) -> None:
+        """Run ``fn`` while watching the socket; a client that goes away cancels it at once."""
+        gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                try:
+                    while True:
+                        data = await conn.recv()
+                        if not data:
+                            break
+                        http.receive_data(data)  # a pipelined next request: keep it for later
+                except (trio.ClosedResourceError, h11.ProtocolError):
+                    return  # we closed it ourselves (a fault)
+                gone = True
+                record["closed_at"] = time.monotonic()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await fn(*args)
+            except _ClientGone:
+                # A write failed first (reset by the peer): same outcome, raised
+                # below, outside the nursery, so callers never see a group.
+                gone = True
+                record["closed_at"] = record["closed_at"] or time.monotonic()
+            finally:
+                nursery.cancel_scope.cancel()
+        if gone:
+            raise _ClientGone("the client closed the connection")
+
+    async def _stream(
+        self,
+        conn: _Socket,
+        http: h11.Connection,
+        behaviour: Behaviour,
+        encoder: ChunkEncoder,
+        tokens: list[str],
+        n: int,
+        finish_reason: str,
+        usage: bytes,
+        record: dict[str, Any],
+    ) -> None:
+        stats = self.stats
+
+        async def flush(buffer: bytearray) -> None:
+            if buffer:
+                waited = await conn.send_all(http.send(h11.Data(data=bytes(buffer))))
+                buffer.clear()
+                if waited:
+                    stats.write_wait_seconds_total += waited
+                    record["write_wait_seconds"] += waited
+
+        async def write() -> None:
+            head = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+            await conn.send_all(http.send(h11.Response(status_code=200, headers=head)))
+            fault, after = behaviour.fault, behaviour.after
+            first_at = trio.current_time() + behaviour.ttft_ms / 1000.0
+            itl = behaviour.itl_ms / 1000.0
+            buffer = bytearray()
+            for i in range(len(tokens) + 1):
+                if fault is not None and i == after:
+                    if await self._strike(conn, http, behaviour, buffer, flush, record):
+                        return
+                if i == len(tokens):
+                    break
+                due = first_at + i * itl
+                if due > trio.current_time():
+                    await flush(buffer)
+                    await trio.sleep_until(due)
+                if i == 0:
+                    for index in range(n):
+                        buffer += encoder.role(index)
+                for index in range(n):
+                    buffer += encoder.content(tokens[i], index)
+                record["chunks_sent"] += 1
+                if len(buffer) >= _BATCH_BYTES:
+                    await flush(buffer)
+                    await trio.lowlevel.checkpoint()
+            if not tokens:
+                for index in range(n):
+                    buffer += encoder.role(index)
+            for index in range(n):
+                buffer += encoder.finish(finish_reason, index)
+            buffer += usage
+            if fault != "no_done":
+                buffer += b"data: [DONE]\n\n"
+            await flush(buffer)
+            await conn.send_all(http.send(h11.EndOfMessage()))
+            record["outcome"] = "fault" if fault == "no_done" else "completed"
+
+        await self._watching(conn, http, record, write)
+
+    async def _strike(
+        self, conn: _Socket, http: h11.Connection, behaviour: Behaviour, buffer: bytearray, flush: Any, record: dict[str, Any]
+    ) -> bool:
+        """Apply a mid-stream fault; True when the response ends here."""
+        fault = behaviour.fault
+        if fault == "malformed":
+            buffer += b"data: {not json\n\n"
+            return False
+        await flush(buffer)
+        if fault == "reset":
+            record["outcome"] = "fault"
+            conn.close(reset=True)
+            return True
+        if fault == "stall":
+            if behaviour.stall_ms is None:
+                await trio.sleep_forever()
+            await trio.sleep(behaviour.stall_ms / 1000.0)
+            return False
+        if fault == "error_event":
+            event = b'data: {"error": {"message": "simulated upstream error", "type": "server_error", "param": null, "code": "simulated"}}\n\n'
+            await conn.send_all(http.send(h11.Data(data=event)) + http.send(h11.EndOfMessage()))
+            record["outcome"] = "fault"
+            return True
+        return False  # no_done strikes at the end, not here
+
+
+async def serve_simulator(
+    host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    await Simulator().serve(host, port, task_status=task_status)
+
+
+def run_simulator(host: str, port: int) -> None:
+    """Run the simulator in the foreground (``sluice simulate``)."""
+
+    async def main() -> None:
+        simulator = Simulator()
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(simulator.serve, host, port)
+            log.info("simulator listening on http://%s:%d/v1", host, bound)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
