@@ -15,6 +15,7 @@ as ``fd://N``: that is how per-connection options hypercorn does not know
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import trio
@@ -48,7 +49,8 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
     config.keep_alive_timeout = 75.0
     config.graceful_timeout = 5.0
     config.accesslog = None
-    config.errorlog = "-"
+    # hypercorn's own messages go through our JSON handler, once.
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 

@@ -1,0 +1,163 @@
+"""The simulator: its scheme (sans-IO) and its behaviour over real sockets."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2
+import pytest
+import trio
+
+from sluice.simulator import SimParamError, parse_behaviour, simulated_tokens
+
+from .rawclient import RawStream
+from .support import RunningSimulator, chat_body, parse_sse, wait_until
+
+
+def test_behaviour_comes_from_the_model_name_and_headers_win() -> None:
+    behaviour = parse_behaviour("sim:tokens=5,itl_ms=20,ttft_ms=100", {"x-sim-tokens": "7"})
+    assert (behaviour.tokens, behaviour.itl_ms, behaviour.ttft_ms) == (7, 20.0, 100.0)
+    assert parse_behaviour("gpt-4o-mini").tokens == 16
+
+
+@pytest.mark.parametrize("model", ["sim:tokens=x", "sim:nope=1", "sim:fault=meteor", "sim:tokens", "sim:itl_ms=-1"])
+def test_bad_parameters_are_rejected(model: str) -> None:
+    with pytest.raises(SimParamError):
+        parse_behaviour(model)
+
+
+def test_text_is_deterministic_and_depends_on_prompt_and_seed() -> None:
+    assert simulated_tokens("a", 10) == simulated_tokens("a", 10)
+    assert simulated_tokens("a", 10) != simulated_tokens("b", 10)
+    assert simulated_tokens("a", 10, seed="s") != simulated_tokens("a", 10)
+    tokens = simulated_tokens("a", 3)
+    assert not tokens[0].startswith(" ") and all(t.startswith(" ") for t in tokens[1:])
+
+
+@pytest.fixture
+async def sim_http(simulator: RunningSimulator) -> httpx2.AsyncClient:
+    async with httpx2.AsyncClient(base_url=simulator.base_url, timeout=10) as http:
+        yield http  # type: ignore[misc]
+
+
+async def _stream(http: httpx2.AsyncClient, body: dict, headers: dict | None = None) -> tuple[int, bytes]:
+    with trio.fail_after(10):
+        async with http.stream("POST", "chat/completions", json=body, headers=headers) as response:
+            return response.status_code, b"".join([c async for c in response.aiter_raw()])
+
+
+async def test_stream_is_openai_shaped_and_ends_with_done(sim_http: httpx2.AsyncClient) -> None:
+    status, raw = await _stream(sim_http, chat_body("sim:tokens=6", content="p"))
+    sse = parse_sse(raw)
+    assert status == 200
+    assert sse.text == "".join(simulated_tokens("p", 6))
+    assert sse.chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert sse.chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["object"] == "chat.completion.chunk" for c in sse.chunks)
+    assert sse.ended_with_done
+
+
+async def test_include_usage_adds_a_usage_chunk(sim_http: httpx2.AsyncClient) -> None:
+    body = chat_body("sim:tokens=4", content="one two three", stream_options={"include_usage": True})
+    _, raw = await _stream(sim_http, body)
+    sse = parse_sse(raw)
+    assert sse.chunks[-1]["choices"] == []
+    assert sse.chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert all("usage" in c for c in sse.chunks)
+
+
+async def test_n_choices_each_get_the_text(sim_http: httpx2.AsyncClient) -> None:
+    _, raw = await _stream(sim_http, chat_body("sim:tokens=3", content="n", n=2))
+    texts: dict[int, str] = {}
+    for chunk in parse_sse(raw).chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+    assert texts == {0: "".join(simulated_tokens("n", 3)), 1: "".join(simulated_tokens("n", 3))}
+
+
+async def test_max_tokens_caps_the_text(sim_http: httpx2.AsyncClient) -> None:
+    response = await sim_http.post("chat/completions", json=chat_body("sim:tokens=10", stream=False, max_tokens=3))
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+async def test_status_fault_with_retry_after(sim_http: httpx2.AsyncClient) -> None:
+    response = await sim_http.post("chat/completions", json=chat_body("sim:fault=status,status_code=429,retry_after=2"))
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_fail_times_applies_the_fault_only_to_the_first_requests(sim_http: httpx2.AsyncClient) -> None:
+    model = "sim:tokens=1,fault=status,status_code=503,fail_times=2,fault_key=k"
+    statuses = [(await sim_http.post("chat/completions", json=chat_body(model, stream=False))).status_code for _ in range(3)]
+    assert statuses == [503, 503, 200]
+
+
+async def test_reset_fault_breaks_the_connection(sim_http: httpx2.AsyncClient) -> None:
+    with pytest.raises(httpx2.HTTPError):
+        await _stream(sim_http, chat_body("sim:tokens=10,fault=reset,after=2"))
+
+
+async def test_malformed_no_done_and_error_event_faults(sim_http: httpx2.AsyncClient) -> None:
+    _, raw = await _stream(sim_http, chat_body("sim:tokens=4,fault=malformed,after=1"))
+    assert b"data: {not json\n\n" in raw and raw.endswith(b"data: [DONE]\n\n")
+    _, raw = await _stream(sim_http, chat_body("sim:tokens=4,fault=no_done"))
+    assert b"[DONE]" not in raw and b'"finish_reason":"stop"' in raw
+    _, raw = await _stream(sim_http, chat_body("sim:tokens=4,fault=error_event,after=2"))
+    assert raw.endswith(b'"code": "simulated"}}\n\n') and b"[DONE]" not in raw
+
+
+async def test_stall_fault_sends_nothing_more(sim_http: httpx2.AsyncClient) -> None:
+    received = b""
+    with trio.move_on_after(0.3):
+        async with sim_http.stream("POST", "chat/completions", json=chat_body("sim:tokens=10,fault=stall,after=2")) as r:
+            async for chunk in r.aiter_raw():
+                received += chunk
+    assert received.count(b'"content"') == 3  # the role chunk's empty content and two tokens
+    assert b"[DONE]" not in received
+
+
+async def test_disconnect_before_headers(sim_http: httpx2.AsyncClient) -> None:
+    with pytest.raises(httpx2.HTTPError):
+        await sim_http.post("chat/completions", json=chat_body("sim:fault=disconnect_before_headers"))
+
+
+async def test_a_client_closing_mid_stream_is_counted_promptly(simulator: RunningSimulator) -> None:
+    raw = await RawStream.open(_root(simulator), chat_body("sim:tokens=1000,itl_ms=50"))
+    await raw.read_until(b'"content"')
+    await raw.close_fin()
+    await wait_until(lambda: simulator.stats.requests_closed_by_client == 1)
+    [record] = simulator.stats.records
+    assert record["outcome"] == "closed_by_client"
+    assert record["closed_at"] is not None
+
+
+def _root(simulator: RunningSimulator) -> str:
+    return simulator.base_url.removesuffix("/v1")
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(
+    sim_http: httpx2.AsyncClient, simulator: RunningSimulator
+) -> None:
+    for _ in range(3):
+        response = await sim_http.post("chat/completions", json=chat_body("sim:tokens=2", stream=False))
+        assert response.status_code == 200
+    stats = (await sim_http.get(_root(simulator) + "/sim/stats")).json()
+    assert stats["requests_completed"] == 3
+
+
+async def test_models_unknown_routes_and_bad_bodies(sim_http: httpx2.AsyncClient) -> None:
+    assert (await sim_http.get("models")).json()["data"][0]["id"] == "sim"
+    assert (await sim_http.get("nothing")).status_code == 404
+    assert (await sim_http.get("chat/completions")).status_code == 405
+    assert (await sim_http.post("chat/completions", content=b"{")).status_code == 400
+    bad = await sim_http.post("chat/completions", json=chat_body("sim:tokens=lots"))
+    assert bad.status_code == 400 and json.loads(bad.content)["error"]["code"] == "invalid_sim_param"
+
+
+async def test_reset_route_zeroes_the_counters(sim_http: httpx2.AsyncClient, simulator: RunningSimulator) -> None:
+    await sim_http.post("chat/completions", json=chat_body("sim:tokens=1", stream=False))
+    await sim_http.post(_root(simulator) + "/sim/reset")
+    assert (await sim_http.get(_root(simulator) + "/sim/stats")).json()["requests_started"] == 0
