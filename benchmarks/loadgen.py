@@ -1,0 +1,299 @@
+"""A load generator for SSE streams: one epoll reactor over raw non-blocking sockets.
+
+Why hand-written: a generic HTTP client (httpx, aiohttp) costs more CPU per
+event than the gateway under test, so it would measure itself. Here a
+stream is a small state machine: connect, write one request, parse the
+response head, decode the chunked body, split SSE events at blank lines.
+
+Run as a process (pinned to its own core by the harness)::
+
+    python -m benchmarks.loadgen '{"url": "http://127.0.0.1:8000", "streams": 25, ...}'
+
+and it prints one JSON object of results. Spec keys: ``url``, ``streams``,
+``model`` (``{i}`` is replaced by the stream index), ``ramp_s`` (starts spread
+evenly over this many seconds), ``stream`` (bool), ``abort_after`` (events,
+then close), ``abort_rst`` (close by RST instead of FIN), ``read_bps`` (slow
+reader: bytes per second per stream), ``rcvbuf``, ``timeout_s``,
+``repeat_s`` (closed loop: each client sends its next request as soon as one
+ends, for this long).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import select
+import socket
+import struct
+import sys
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+CONTENT = b'"content":"'
+EMPTY_CONTENT = b'"content":""'
+
+
+class Stream:
+    __slots__ = (
+        "index", "sock", "request", "state", "buf", "chunk_left", "sse", "status", "chunked",
+        "started", "first_token", "ended", "events", "tokens", "done", "error", "aborted_at",
+        "read_budget", "body_bytes", "content_length",
+    )
+
+    def __init__(self, index: int, sock: socket.socket, request: bytes) -> None:
+        self.index = index
+        self.sock = sock
+        self.request = request
+        self.state = "connect"
+        self.buf = b""
+        self.chunk_left = -1  # -1: expecting a chunk-size line
+        self.sse = b""
+        self.status = 0
+        self.chunked = False
+        self.started = time.monotonic()
+        self.first_token: float | None = None
+        self.ended: float | None = None
+        self.events = 0
+        self.tokens = 0
+        self.done = False
+        self.error: str | None = None
+        self.aborted_at: float | None = None
+        self.read_budget = 0.0
+        self.body_bytes = 0
+        self.content_length = -1
+
+
+def build_request(url: str, body: dict[str, Any]) -> bytes:
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {parts.hostname}:{parts.port}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(payload)}\r\nconnection: close\r\n\r\n"
+    ).encode() + payload
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    parts = urlsplit(spec["url"])
+    address = (parts.hostname, parts.port)
+    count = int(spec["streams"])
+    ramp = float(spec.get("ramp_s", 0.0))
+    abort_after = spec.get("abort_after")
+    abort_rst = bool(spec.get("abort_rst", False))
+    read_bps = spec.get("read_bps")
+    rcvbuf = spec.get("rcvbuf")
+    timeout = float(spec.get("timeout_s", 60.0))
+    repeat_s = spec.get("repeat_s")
+    streaming = bool(spec.get("stream", True))
+    model = spec.get("model", "sim:tokens=50,itl_ms=20")
+
+    epoll = select.epoll()
+    by_fd: dict[int, Stream] = {}
+    finished: list[Stream] = []
+    begin = time.monotonic()
+    deadline = begin + timeout
+    repeat_until = begin + float(repeat_s) if repeat_s else None
+    next_index = 0
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+
+    def open_stream(index: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(rcvbuf))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        body = {"model": model.replace("{i}", str(index)), "stream": streaming,
+                "messages": [{"role": "user", "content": f"benchmark {index}"}]}
+        stream = Stream(index, sock, build_request(spec["url"], body))
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            pass
+        by_fd[sock.fileno()] = stream
+        epoll.register(sock.fileno(), select.EPOLLOUT)
+
+    def close(stream: Stream, *, rst: bool = False) -> None:
+        fd = stream.sock.fileno()
+        try:
+            epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        by_fd.pop(fd, None)
+        if rst:
+            stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.sock.close()
+        stream.ended = stream.ended or time.monotonic()
+        finished.append(stream)
+        if repeat_until is not None and time.monotonic() < repeat_until:
+            nonlocal next_index
+            open_stream(next_index)
+            next_index += 1
+
+    def on_sse(stream: Stream) -> None:
+        data = stream.sse
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            return
+        stream.sse = data[end + 2:]
+        for event in data[:end].split(b"\n\n"):
+            if not event.startswith(b"data:"):
+                continue
+            if event.startswith(b"data: [DONE]"):
+                stream.done = True
+                continue
+            stream.events += 1
+            if event.startswith(b'data: {"error"'):
+                stream.error = event[6:200].decode(errors="replace")
+                continue
+            if CONTENT in event and EMPTY_CONTENT not in event:
+                stream.tokens += 1
+                if stream.first_token is None:
+                    stream.first_token = time.monotonic()
+        if abort_after is not None and stream.events >= abort_after and stream.aborted_at is None:
+            stream.aborted_at = time.monotonic()
+            close(stream, rst=abort_rst)
+
+    def on_body(stream: Stream, data: bytes) -> None:
+        stream.body_bytes += len(data)
+        if not streaming:
+            stream.sse += data
+            return
+        stream.sse += data
+        on_sse(stream)
+
+    def on_readable(stream: Stream) -> None:
+        limit = 65536
+        if read_bps:
+            if stream.read_budget < 1:
+                return
+            limit = max(1, min(limit, int(stream.read_budget)))
+        try:
+            data = stream.sock.recv(limit)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            stream.error = stream.error or f"recv: {exc}"
+            close(stream)
+            return
+        if read_bps:
+            stream.read_budget -= len(data)
+        if not data:
+            if not stream.done and streaming:
+                stream.error = stream.error or "closed before [DONE]"
+            close(stream)
+            return
+        buf = stream.buf + data
+        if stream.state == "head":
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                stream.buf = buf
+                return
+            head = buf[:end].decode("latin-1").lower()
+            stream.status = int(head.split(" ", 2)[1])
+            stream.chunked = "transfer-encoding: chunked" in head
+            for line in head.split("\r\n"):
+                if line.startswith("content-length:"):
+                    stream.content_length = int(line.split(":", 1)[1])
+            if stream.status != 200:
+                stream.error = f"status {stream.status}"
+            stream.state = "body"
+            buf = buf[end + 4:]
+        if not stream.chunked:
+            stream.buf = b""
+            on_body(stream, buf)
+            if not streaming and 0 <= stream.content_length <= stream.body_bytes:
+                stream.done = b'"choices"' in stream.sse
+                if stream.done and stream.first_token is None:
+                    stream.first_token = time.monotonic()
+                    stream.tokens = 1
+                close(stream)
+            return
+        # chunked transfer decoding
+        while stream.state == "body":
+            if stream.chunk_left < 0:
+                line_end = buf.find(b"\r\n")
+                if line_end < 0:
+                    break
+                size = int(buf[:line_end].split(b";")[0], 16)
+                buf = buf[line_end + 2:]
+                if size == 0:
+                    stream.state = "end"
+                    if not streaming:
+                        stream.done = b'"choices"' in stream.sse
+                        if stream.done:
+                            stream.first_token = stream.first_token or time.monotonic()
+                            stream.tokens = 1
+                    close(stream)
+                    return
+                stream.chunk_left = size
+            take = buf[: stream.chunk_left]
+            buf = buf[len(take):]
+            stream.chunk_left -= len(take)
+            if take:
+                on_body(stream, take)
+                if stream.ended is not None:  # aborted inside on_body
+                    return
+            if stream.chunk_left == 0:
+                if len(buf) < 2:
+                    stream.chunk_left = 0
+                    break
+                buf = buf[2:]
+                stream.chunk_left = -1
+            elif not buf:
+                break
+        stream.buf = buf
+
+    last_tick = time.monotonic()
+    while (next_index < count or by_fd) and time.monotonic() < deadline:
+        now = time.monotonic()
+        while next_index < count and (ramp <= 0 or now >= begin + ramp * next_index / count):
+            open_stream(next_index)
+            next_index += 1
+        if read_bps:
+            elapsed = now - last_tick
+            last_tick = now
+            for stream in by_fd.values():
+                stream.read_budget = min(stream.read_budget + read_bps * elapsed, read_bps)
+        for fd, mask in epoll.poll(0.005 if (read_bps or next_index < count) else 0.05):
+            stream = by_fd.get(fd)
+            if stream is None:
+                continue
+            if stream.state == "connect":
+                err = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    stream.error = f"connect: {err}"
+                    close(stream)
+                    continue
+                stream.sock.send(stream.request)
+                stream.state = "head"
+                epoll.modify(fd, select.EPOLLIN)
+                continue
+            on_readable(stream)
+    for stream in list(by_fd.values()):
+        stream.error = stream.error or "timeout"
+        close(stream)
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.monotonic() - begin
+    completed = [s for s in finished if s.done and s.error is None]
+    ttfts = sorted((s.first_token - s.started) * 1000 for s in finished if s.first_token is not None)
+    return {
+        "streams": len(finished),
+        "completed": len(completed),
+        "failed": sum(1 for s in finished if s.aborted_at is None and not (s.done and s.error is None)),
+        "aborted": sum(1 for s in finished if s.aborted_at is not None),
+        "errors": sorted({s.error for s in finished if s.error})[:5],
+        "tokens": sum(s.tokens for s in finished),
+        "events": sum(s.events for s in finished),
+        "wall_s": wall,
+        "ttft_ms": ttfts,
+        "aborts": {s.index: s.aborted_at for s in finished if s.aborted_at is not None},
+        "loadgen_cpu_s": (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime),
+    }
+
+
+def main() -> None:
+    print(json.dumps(run(json.loads(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Run the benchmark suite: ``python -m benchmarks.run [--smoke | --quick] [--scenarios ...] [--gateways ...]``.
+
+``--smoke`` (what CI runs) uses small counts and exits non-zero only on wrong
+results: lost tokens, failed streams, upstream requests left open after
+client aborts. Timing never fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+from . import report
+from .scenarios import build, correctness_problems, run_scenario
+from .targets import GATEWAYS, ensure_nginx, upstream
+
+SMOKE_SCENARIOS = ["sustained", "requests", "overload", "cancel"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="small, correctness-only run for CI")
+    parser.add_argument("--quick", action="store_true", help="fewer capacity steps")
+    parser.add_argument("--scenarios", help="comma-separated subset (default: all; smoke: " + ",".join(SMOKE_SCENARIOS) + ")")
+    parser.add_argument("--gateways", default=",".join(GATEWAYS), help="comma-separated subset of " + ",".join(GATEWAYS))
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx when missing")
+    args = parser.parse_args(argv)
+
+    scenarios = build(quick=args.quick, smoke=args.smoke)
+    chosen = args.scenarios.split(",") if args.scenarios else (SMOKE_SCENARIOS if args.smoke else list(scenarios))
+    gateways = args.gateways.split(",")
+    notes = []
+    if "nginx" in gateways and ensure_nginx(install=not args.no_install and not args.smoke) is None:
+        gateways.remove("nginx")
+        notes.append("nginx skipped: not installed" + (" (smoke runs never install it)" if args.smoke else ""))
+    rows = []
+    started = time.monotonic()
+    with upstream() as upstream_port:
+        for name in chosen:
+            for gateway in gateways:
+                print(f"-- {name} on {gateway}", file=sys.stderr, flush=True)
+                rows.extend(run_scenario(scenarios[name], gateway, upstream_port))
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),
+            "seconds": round(time.monotonic() - started, 1), "notes": notes}
+    print(report.write(rows, meta, "smoke" if args.smoke else "latest"))
+    for leftover in glob.glob(os.path.join(report.RESULTS, "*.log.tmp")):
+        os.remove(leftover)
+    problems = [p for row in rows for p in correctness_problems(row)]
+    for problem in problems:
+        print("WRONG RESULT:", problem, file=sys.stderr)
+    print(f"benchmarks: {len(rows)} measurements, {len(problems)} wrong results", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

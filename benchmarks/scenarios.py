@@ -1,0 +1,191 @@
+"""Scenarios: what load each one sends, and what it measures on each gateway.
+
+Each scenario runs against a fresh gateway process (so its peak RSS is its
+own) and a fresh simulator counter set, and returns one row per gateway
+(several for ``capacity`` and ``memory``, one per step).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .procs import LOAD_CORE, cpu_seconds, http_json, rss_mb, run_loadgen
+from .targets import Target, target
+
+
+@dataclass
+class Scenario:
+    name: str
+    specs: list[tuple[str, dict[str, Any]]]  # (variant label, loadgen spec)
+    tokens_per_stream: int | None  # None: not checked
+    kind: str = "stream"  # stream | requests | cancel | memory | slow
+    timeout: float = 120.0
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def sustained_model(tokens: int = 50, itl: int = 20) -> str:
+    return f"sim:tokens={tokens},itl_ms={itl}"
+
+
+def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
+    tokens = 20 if smoke else 50
+    capacity_steps = [25, 50, 100] if (smoke or quick) else [25, 50, 100, 150, 200, 300, 400]
+    return {
+        "sustained": Scenario("sustained", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens),
+        "ttft": Scenario("ttft", [("10", {"streams": 10, "model": "sim:tokens=5", "ramp_s": 0.5})], 5),
+        "requests": Scenario(
+            "requests",
+            [
+                ("stream", {"streams": 32, "model": "sim:tokens=1", "repeat_s": 1.0 if smoke else 5.0}),
+                ("non-stream", {"streams": 32, "model": "sim:tokens=1", "stream": False, "repeat_s": 1.0 if smoke else 5.0}),
+            ],
+            1,
+            kind="requests",
+        ),
+        "throughput": Scenario("throughput", [("64x512", {"streams": 64, "model": "sim:tokens=512"})], 512),
+        "overload": Scenario(
+            "overload", [("100" if smoke else "500", {"streams": 100 if smoke else 500, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens
+        ),
+        "capacity": Scenario(
+            "capacity", [(str(n), {"streams": n, "model": sustained_model(), "ramp_s": 1.0}) for n in capacity_steps], 50
+        ),
+        "cancel": Scenario(
+            "cancel",
+            [("25", {"streams": 25, "model": "sim:tokens=500,itl_ms=20,seed={i}", "ramp_s": 1.0, "abort_after": 10})],
+            None,
+            kind="cancel",
+        ),
+        "memory": Scenario(
+            "memory",
+            [(str(n), {"streams": n, "model": "sim:tokens=5,ttft_ms=60000", "timeout_s": 4.0}) for n in ([0, 100] if smoke else [0, 100, 500, 1000])],
+            None,
+            kind="memory",
+        ),
+        "slow-readers": Scenario(
+            "slow-readers",
+            [("100x2KB/s", {"streams": 100, "model": "sim:tokens=3000,itl_ms=2", "read_bps": 2048, "rcvbuf": 4096, "timeout_s": 8.0})],
+            None,
+            kind="slow",
+        ),
+    }
+
+
+def run_scenario(scenario: Scenario, gateway: str, upstream_port: int) -> list[dict[str, Any]]:
+    rows = []
+    for variant, spec in scenario.specs:
+        with target(gateway, upstream_port) as system:
+            rows.append(_measure(scenario, variant, dict(spec), system, upstream_port))
+    return rows
+
+
+def _measure(scenario: Scenario, variant: str, spec: dict[str, Any], system: Target, upstream_port: int) -> dict[str, Any]:
+    sim = f"http://127.0.0.1:{upstream_port}"
+    http_json(sim + "/sim/reset", "POST")
+    spec["url"] = system.url
+    cpu_before = cpu_seconds(system.pid) if system.pid else 0.0
+    rss_open = None
+    if scenario.kind == "memory" and spec["streams"] == 0:
+        time.sleep(1.0)
+        result = {"streams": 0, "completed": 0, "failed": 0, "aborted": 0, "errors": [], "tokens": 0, "events": 0,
+                  "wall_s": 1.0, "ttft_ms": [], "aborts": {}, "loadgen_cpu_s": 0.0}
+        rss_open = rss_mb(system.pid) if system.pid else None
+    elif scenario.kind == "memory":
+        # Sample RSS while every stream is open and waiting on a slow first token.
+        process = subprocess.Popen(
+            ["taskset", "-c", str(LOAD_CORE), sys.executable, "-m", "benchmarks.loadgen", json.dumps(spec)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        deadline = time.monotonic() + spec["timeout_s"] - 0.5
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if http_json(sim + "/sim/stats")["active_requests"] >= spec["streams"]:
+                break
+        time.sleep(0.3)
+        rss_open = rss_mb(system.pid) if system.pid else None
+        out, _ = process.communicate(timeout=60)
+        result = json.loads(out)
+    else:
+        result = run_loadgen(spec, scenario.timeout)
+    cpu = (cpu_seconds(system.pid) - cpu_before) if system.pid else None
+    peak_rss = rss_mb(system.pid, "VmHWM") if system.pid else None
+    row: dict[str, Any] = {
+        "scenario": scenario.name,
+        "variant": variant,
+        "gateway": system.name,
+        "streams": result["streams"],
+        "completed": result["completed"],
+        "failed": result["failed"],
+        "errors": result["errors"],
+        "tokens": result["tokens"],
+        "tokens_expected": (spec["streams"] * scenario.tokens_per_stream) if scenario.tokens_per_stream and scenario.kind == "stream" else None,
+        "events_per_s": round(result["events"] / result["wall_s"], 1) if result["wall_s"] else None,
+        "tokens_per_s": round(result["tokens"] / result["wall_s"], 1) if result["wall_s"] else None,
+        "ttft_p50_ms": _round(pct(result["ttft_ms"], 0.5)),
+        "ttft_p99_ms": _round(pct(result["ttft_ms"], 0.99)),
+        "gateway_cpu_s": _round(cpu),
+        "cpu_per_token_us": _round(cpu / result["tokens"] * 1e6) if cpu is not None and result["tokens"] else None,
+        "cpu_per_request_ms": _round(cpu / result["streams"] * 1e3) if cpu is not None and result["streams"] else None,
+        "peak_rss_mb": _round(peak_rss),
+        "rss_open_mb": _round(rss_open),
+        "loadgen_cpu_s": _round(result["loadgen_cpu_s"]),
+    }
+    if scenario.kind == "cancel":
+        row.update(_cancel_figures(sim, result))
+    return row
+
+
+def _cancel_figures(sim: str, result: dict[str, Any]) -> dict[str, Any]:
+    aborts = {int(k): v for k, v in result["aborts"].items()}
+    deadline = time.monotonic() + 5.0
+    while True:
+        stats = http_json(sim + "/sim/stats")
+        closed = {}
+        for record in stats["records"]:
+            seed = record["model"].rsplit("seed=", 1)[-1]
+            if seed.isdigit() and record["closed_at"] is not None:
+                closed[int(seed)] = record["closed_at"]
+        if len(closed) >= len(aborts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    delays = [(closed[i] - at) * 1000 for i, at in aborts.items() if i in closed]
+    return {
+        "aborted": len(aborts),
+        "upstream_closed": sum(1 for i in aborts if i in closed),
+        "upstream_closed_pct": round(100.0 * sum(1 for i in aborts if i in closed) / len(aborts), 1) if aborts else None,
+        "cancel_p50_ms": _round(pct(delays, 0.5)),
+        "cancel_p99_ms": _round(pct(delays, 0.99)),
+    }
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def correctness_problems(row: dict[str, Any]) -> list[str]:
+    """What the smoke run fails on: lost tokens, failed streams, leaked upstream requests."""
+    problems = []
+    where = f"{row['scenario']}/{row['variant']} on {row['gateway']}"
+    if row["scenario"] in ("sustained", "ttft", "throughput", "overload", "requests") and row["failed"]:
+        problems.append(f"{where}: {row['failed']} failed streams ({row['errors']})")
+    if row["tokens_expected"] is not None and row["tokens"] != row["tokens_expected"] and row["scenario"] != "capacity":
+        problems.append(f"{where}: {row['tokens']} tokens delivered, {row['tokens_expected']} sent")
+    if row["scenario"] == "requests" and row["completed"] != row["streams"]:
+        problems.append(f"{where}: {row['streams'] - row['completed']} requests incomplete")
+    if row["scenario"] == "cancel" and row.get("upstream_closed_pct") != 100.0:
+        problems.append(f"{where}: only {row.get('upstream_closed')}/{row.get('aborted')} upstream requests closed after client aborts")
+    return problems
