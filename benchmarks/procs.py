@@ -25,7 +25,9 @@ def free_port() -> int:
 
 def start(cmd: list[str], core: int, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a process pinned to one core; its output goes to a log file, not a pipe that could fill."""
-    log = open(os.path.join(os.path.dirname(__file__), "results", f"{os.path.basename(cmd[0])}-{time.time_ns()}.log.tmp"), "wb")
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(results, exist_ok=True)
+    log = open(os.path.join(results, f"{os.path.basename(cmd[0])}-{time.time_ns()}.log.tmp"), "wb")
     return subprocess.Popen(
         ["taskset", "-c", str(core), *cmd],
         stdout=log,
