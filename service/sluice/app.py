@@ -16,6 +16,8 @@ Invariants:
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any
 
 import trio
 from quart import Response, request
+from quart_cors import cors
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
@@ -56,6 +59,19 @@ class GatewayState:
     upstream_base_url: str | None = None
     simulator: Simulator | None = None
     simulator_scope: trio.CancelScope | None = None
+    #: streams in flight, for graceful shutdown
+    relays: set[StreamRelay] = field(default_factory=set)
+    #: set on SIGTERM/SIGINT: /health answers 503 and new streams are refused
+    draining: bool = False
+
+    async def drain(self, timeout: float) -> None:
+        """Let in-flight streams finish for ``timeout`` s, then end the rest with an error event."""
+        self.draining = True
+        with trio.move_on_after(timeout):
+            while self.relays:
+                await trio.sleep(0.05)
+        for relay in list(self.relays):
+            relay.shut_down()
 
 
 class GatewayHTTPConnection(TrioASGIHTTPConnection):
@@ -73,6 +89,7 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
             relay: StreamRelay | None = self.scope.get(_RELAY_SCOPE_KEY)  # type: ignore[assignment]
             if relay is not None:
                 await relay.release()
+                self.app.extensions["sluice"].relays.discard(relay)
 
 
 class SluiceApp(QuartTrio):
@@ -129,6 +146,35 @@ def create_app(settings: Settings) -> SluiceApp:
         if state.simulator_scope is not None:
             state.simulator_scope.cancel()
 
+    api_keys = [key.get_secret_value().encode() for key in settings.api_keys]
+
+    @app.before_request
+    async def authenticate() -> None:
+        """Gateway API keys, when configured: a Bearer key for everything under /v1/."""
+        if not api_keys or not request.path.startswith("/v1/"):
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        # compare_digest against every key: the time taken says nothing about which matched.
+        matched = [hmac.compare_digest(presented.strip().encode(), key) for key in api_keys]
+        if scheme.lower() != "bearer" or not any(matched):
+            raise errors.Unauthorized(
+                "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                headers={"www-authenticate": "Bearer"},
+            )
+
+    if settings.cors_origins:
+        # CORS is off unless origins are listed; never with credentials, so a
+        # listed "*" cannot expose cookie-authenticated responses.
+        app = cors(
+            app,
+            allow_origin=settings.cors_origins,
+            allow_headers=["authorization", "content-type", "x-request-id", BACKPRESSURE_HEADER],
+            allow_methods=["GET", "POST", "OPTIONS"],
+            expose_headers=["x-request-id", "retry-after"],
+            allow_credentials=False,
+        )
+
     @app.errorhandler(errors.SluiceError)
     async def on_sluice_error(error: errors.SluiceError) -> Response:
         return error_response(error)
@@ -168,6 +214,8 @@ def create_app(settings: Settings) -> SluiceApp:
         )
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         metrics = state.metrics
+        if state.draining:
+            raise errors.ShuttingDown("The gateway is shutting down.", headers={"retry-after": "1"})
         if metrics.active_streams >= settings.max_streams:
             raise errors.Overloaded(
                 f"The gateway is at its limit of {settings.max_streams} concurrent streams.",
@@ -202,6 +250,7 @@ def create_app(settings: Settings) -> SluiceApp:
             max_reopens=settings.retry_max_attempts - 1,
         )
         request.scope[_RELAY_SCOPE_KEY] = relay
+        state.relays.add(relay)
         await relay.open()
         response = Response(relay, status=200, headers=SSE_HEADERS)
         response.headers["x-request-id"] = request_id
@@ -215,8 +264,10 @@ def create_app(settings: Settings) -> SluiceApp:
         return Response(upstream_response.content, status=200, content_type="application/json")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "active_streams": state.metrics.active_streams}
+    async def health() -> Response:
+        status = "draining" if state.draining else "ok"
+        body = {"status": status, "active_streams": state.metrics.active_streams}
+        return Response(json.dumps(body), status=503 if state.draining else 200, content_type="application/json")
 
     @app.get("/metrics/backpressure")
     async def backpressure_metrics() -> dict[str, Any]:

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout", type=float, help="seconds allowed between upstream reads [SLUICE_IDLE_TIMEOUT, default 60]")
     serve.add_argument("--ping-interval", type=float, help="seconds between ': ping' keep-alives before the first token [SLUICE_PING_INTERVAL, default 15]")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit; larger gets 413 [SLUICE_MAX_BODY_BYTES, default 8 MiB]")
+    serve.add_argument("--stall-timeout", type=float, help="seconds a client may leave sent data unread before it is cut; 0 = never [SLUICE_STALL_TIMEOUT, default 30]")
+    serve.add_argument("--drain-timeout", type=float, help="on SIGTERM, seconds streams may finish before they end with an error event [SLUICE_DRAIN_TIMEOUT, default 10]")
+    serve.add_argument("--api-keys", help="comma-separated gateway keys clients must send as Bearer tokens [SLUICE_API_KEYS; default: open]")
+    serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS [SLUICE_CORS_ORIGINS; default: CORS off]")
+    serve.add_argument("--client-sndbuf", type=int, help="SO_SNDBUF of client connections, bytes [SLUICE_CLIENT_SNDBUF; default: kernel autotuning]")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR [SLUICE_LOG_LEVEL, default INFO]")
 
     simulate = commands.add_parser(

@@ -6,8 +6,10 @@ the app factory; nothing reads the environment after that.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .policies import Backpressure, RetryPolicy
 
@@ -46,6 +48,16 @@ class Settings(BaseSettings):
     #: per-worker cap on concurrent streams; more get 503 with Retry-After
     max_streams: int = Field(default=1024, ge=1)
 
+    #: a client that stops reading is cut after its unread data has waited this
+    #: long (seconds; TCP_USER_TIMEOUT on every client connection); 0 = never
+    stall_timeout: float = Field(default=30.0, ge=0)
+    #: on SIGTERM/SIGINT, how long in-flight streams may run before they are
+    #: ended with a ``server_shutting_down`` error event (seconds)
+    drain_timeout: float = Field(default=10.0, ge=0)
+    #: gateway API keys clients must send as ``Authorization: Bearer``; empty = open
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    #: origins allowed by CORS; empty = CORS off (no Access-Control-* headers)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: SO_SNDBUF of client connections in bytes; unset = kernel autotuning
     client_sndbuf: int | None = Field(default=None, ge=1024)
 
@@ -54,6 +66,14 @@ class Settings(BaseSettings):
     body_timeout: float = Field(default=30.0, gt=0)
 
     log_level: str = "INFO"
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # From the environment or a flag: "a,b,c". Lists pass as they are.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("upstream_base_url")
     @classmethod

@@ -45,6 +45,7 @@ from quart.wrappers.response import ResponseBody
 
 from .errors import (
     BackpressureOverflow,
+    ShuttingDown,
     SluiceError,
     StreamInterrupted,
     UpstreamTimeout,
@@ -99,6 +100,7 @@ class StreamRelay(ResponseBody):
         self._error: SluiceError | None = None
         self._upstream_error_event: bytes | None = None
         self._forwarded_any = False
+        self._producer_scope = trio.CancelScope()
         self._finished = False
         self._released = False
 
@@ -231,10 +233,22 @@ class StreamRelay(ResponseBody):
 
     # --- the producer ------------------------------------------------------------------
 
+    def shut_down(self) -> None:
+        """End the stream now with a ``server_shutting_down`` error event (graceful shutdown).
+
+        The producer stops and closes the upstream; the consumer delivers what
+        is queued, then the error event, so the client sees why it ended.
+        """
+        if self._finished or self._error is not None or self._upstream_error_event is not None:
+            return
+        self._error = ShuttingDown("The gateway is shutting down; retry the request.")
+        self._producer_scope.cancel()
+
     async def _produce(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
         async with send_channel:
             try:
-                await self._pump(send_channel)
+                with self._producer_scope:
+                    await self._pump(send_channel)
             except SluiceError as exc:
                 self._error = exc
             except Exception:

@@ -16,6 +16,7 @@ as ``fd://N``: that is how per-connection options hypercorn does not know
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 
 import trio
@@ -31,6 +32,13 @@ def listening_socket(settings: Settings) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if settings.stall_timeout > 0:
+        # Inherited by every accepted connection. Hypercorn's writes to the
+        # client are shielded and have no timeout of their own; with this, the
+        # kernel aborts a connection whose sent data stays unacknowledged
+        # (including a zero window: a client that stopped reading) for this
+        # long, and the stream is cancelled like any disconnect.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.stall_timeout * 1000))
     if settings.client_sndbuf is not None:
         # A fixed send buffer turns off the kernel's autotuning (megabytes per
         # socket on loopback): what a stalled client can park stays bounded.
@@ -54,7 +62,40 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
     return config
 
 
-def run(settings: Settings) -> None:
+async def serve_until_signalled(settings: Settings) -> None:
+    """Serve; on SIGTERM/SIGINT stop accepting, drain, end what is left visibly, return.
+
+    Hypercorn stops accepting as soon as the shutdown trigger returns and then
+    waits ``graceful_timeout`` for open connections; our drain runs beside it
+    and, after ``drain_timeout``, ends each remaining stream with a
+    ``server_shutting_down`` error event, well before hypercorn would cancel
+    it silently.
+    """
     app = create_app(settings)
-    sock = listening_socket(settings)
-    trio.run(serve, app, hypercorn_config(settings, sock))
+    state = app.extensions["sluice"]
+    config = hypercorn_config(settings, listening_socket(settings))
+    config.graceful_timeout = settings.drain_timeout + 5.0
+    signalled = trio.Event()
+
+    async def shutdown_trigger() -> None:
+        await signalled.wait()
+
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logging.getLogger("sluice").info(
+                        "%s: draining for up to %g s", signal.Signals(signum).name, settings.drain_timeout
+                    )
+                    signalled.set()
+                    await state.drain(settings.drain_timeout)
+                    return
+
+        nursery.start_soon(watch_signals)
+        await serve(app, config, shutdown_trigger=shutdown_trigger)
+        nursery.cancel_scope.cancel()
+
+
+def run(settings: Settings) -> None:
+    trio.run(serve_until_signalled, settings)
