@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,7 +267,7 @@ def create_app(settings: Settings) -> SluiceApp:
     @app.get("/health")
     async def health() -> Response:
         status = "draining" if state.draining else "ok"
-        body = {"status": status, "active_streams": state.metrics.active_streams}
+        body = {"status": status, "active_streams": state.metrics.active_streams, "process": process_figures()}
         return Response(json.dumps(body), status=503 if state.draining else 200, content_type="application/json")
 
     @app.get("/metrics/backpressure")
@@ -277,6 +278,20 @@ def create_app(settings: Settings) -> SluiceApp:
         return snapshot
 
     return app
+
+
+def process_figures() -> dict[str, int]:
+    """Open fds, live trio tasks and RSS: what a leak would grow (chaos tests and the soak read them)."""
+    tasks = 0
+    pending = [trio.lowlevel.current_root_task()]
+    while pending:
+        task = pending.pop()
+        tasks += 1
+        for child_nursery in task.child_nurseries:
+            pending.extend(child_nursery.child_tasks)
+    with open("/proc/self/statm") as statm:
+        rss_pages = int(statm.read().split()[1])
+    return {"fds": len(os.listdir("/proc/self/fd")), "tasks": tasks, "rss_bytes": rss_pages * os.sysconf("SC_PAGE_SIZE")}
 
 
 async def _complete(
