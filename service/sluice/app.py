@@ -2,8 +2,10 @@
 
 Data path of ``POST /v1/chat/completions``::
 
-    validate (wire.openai) -> pick policy (policies) -> StreamRelay.open()
-    (upstream, retries) -> Response(StreamRelay) -> Quart's send loop iterates it
+    authenticate (limits.KeyTable) -> validate (wire.openai) -> route (router)
+    -> admit (limits) -> pick policy (policies) -> StreamRelay.open()
+    (deployment, retries, fallbacks) -> Response(StreamRelay) -> Quart's send
+    loop iterates it -> release (limits, metrics, one log line)
 
 Invariants:
 
@@ -12,11 +14,13 @@ Invariants:
 * Every upstream request the route opens is closed, whatever window the
   client leaves in: :class:`GatewayHTTPConnection` releases the request's
   relay after the response, also when the response head was never sent.
+* Every admitted request is released exactly once (same ``finally``), so a
+  key's concurrent-stream count cannot leak.
+* Every response carries ``x-request-id`` (the client's, or a new one).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_cors import cors
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
@@ -33,11 +37,14 @@ from werkzeug.exceptions import HTTPException
 
 from . import errors
 from .config import Settings
+from .limits import KeyTable, LimitStore, LocalLimitStore, VirtualKey
 from .metrics import GatewayMetrics, StreamStats
 from .policies import BACKPRESSURE_HEADER, choose_backpressure
+from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from .prometheus import PrometheusMetrics
 from .relay import StreamRelay
+from .router import Deployment, Router, RouterEvents
 from .simulator import Simulator
-from .upstream import UpstreamClient
 from .wire.openai import parse_chat_request
 
 log = logging.getLogger("sluice")
@@ -48,6 +55,9 @@ SSE_HEADERS = {
     "x-accel-buffering": "no",  # nginx in front must not buffer the stream
 }
 _RELAY_SCOPE_KEY = "sluice.relay"
+_STATS_SCOPE_KEY = "sluice.stats"
+_ADMITTED_SCOPE_KEY = "sluice.admitted"
+request_log = logging.getLogger("sluice.request")
 
 
 @dataclass
@@ -55,8 +65,11 @@ class GatewayState:
     """Everything the routes share within one worker."""
 
     settings: Settings
-    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
-    upstream: UpstreamClient | None = None
+    prometheus: PrometheusMetrics = field(default_factory=PrometheusMetrics)
+    metrics: GatewayMetrics = field(init=False)
+    router: Router | None = None
+    keys: KeyTable = field(init=False)
+    limits: LimitStore = field(default_factory=LocalLimitStore)
     upstream_base_url: str | None = None
     simulator: Simulator | None = None
     simulator_scope: trio.CancelScope | None = None
@@ -64,6 +77,10 @@ class GatewayState:
     relays: set[StreamRelay] = field(default_factory=set)
     #: set on SIGTERM/SIGINT: /health answers 503 and new streams are refused
     draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.metrics = GatewayMetrics(self.prometheus)
+        self.keys = KeyTable(self.settings)
 
     async def drain(self, timeout: float) -> None:
         """Let in-flight streams finish for ``timeout`` s, then end the rest with an error event."""
@@ -87,10 +104,16 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
         try:
             await super().handle_request(nursery, request, send)
         finally:
+            state: GatewayState = self.app.extensions["sluice"]
             relay: StreamRelay | None = self.scope.get(_RELAY_SCOPE_KEY)  # type: ignore[assignment]
             if relay is not None:
                 await relay.release()
-                self.app.extensions["sluice"].relays.discard(relay)
+                state.relays.discard(relay)
+            admitted: VirtualKey | None = self.scope.get(_ADMITTED_SCOPE_KEY)  # type: ignore[assignment]
+            if admitted is not None:
+                stats: StreamStats | None = self.scope.get(_STATS_SCOPE_KEY)  # type: ignore[assignment]
+                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                    await state.limits.release(admitted, stats.token_count if stats is not None else 0)
 
 
 class SluiceApp(QuartTrio):
@@ -126,43 +149,79 @@ def create_app(settings: Settings) -> SluiceApp:
     @app.before_serving
     async def start_upstream() -> None:
         base_url = settings.upstream_base_url
-        if base_url is None:
+        if base_url is None and not settings.models:
             state.simulator = Simulator()
             port = await app.nursery.start(_serve_simulator, state)
             base_url = f"http://127.0.0.1:{port}/v1"
             log.info("no upstream configured: serving from the embedded simulator at %s", base_url)
         state.upstream_base_url = base_url
-        state.upstream = UpstreamClient(
-            base_url,
-            api_key=settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None,
-            max_connections=settings.max_streams,
-            connect_timeout=settings.connect_timeout,
-            retry_policy=settings.retry_policy,
+        prometheus = state.prometheus
+
+        def deployment_failed(deployment: Deployment, error: errors.SluiceError) -> None:
+            prometheus.upstream_errors.labels(error.code or "upstream_error").inc()
+            log.warning({"event": "deployment_failed", "deployment": deployment.name, "code": error.code, "status": error.status})
+
+        def cooled_down(deployment: Deployment) -> None:
+            prometheus.cooldowns.labels(deployment.name).inc()
+            log.warning({"event": "deployment_cooldown", "deployment": deployment.name, "seconds": settings.cooldown_seconds})
+
+        state.router = Router(
+            settings,
+            base_url or "",
+            RouterEvents(
+                deployment_failed=deployment_failed,
+                fell_back=lambda deployment: prometheus.fallbacks.labels(deployment.name).inc(),
+                cooled_down=cooled_down,
+            ),
         )
 
     @app.after_serving
     async def stop_upstream() -> None:
-        if state.upstream is not None:
-            await state.upstream.aclose()
+        if state.router is not None:
+            await state.router.aclose()
         if state.simulator_scope is not None:
             state.simulator_scope.cancel()
 
-    api_keys = [key.get_secret_value().encode() for key in settings.api_keys]
+    keys = state.keys
 
     @app.before_request
-    async def authenticate() -> None:
-        """Gateway API keys, when configured: a Bearer key for everything under /v1/."""
-        if not api_keys or not request.path.startswith("/v1/"):
+    async def identify() -> None:
+        """A request id for every request; a gateway key for everything under /v1/ when keys are set."""
+        g.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        g.started_at = trio.current_time()
+        g.key = None
+        if not keys.enabled or not request.path.startswith("/v1/"):
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        # compare_digest against every key: the time taken says nothing about which matched.
-        matched = [hmac.compare_digest(presented.strip().encode(), key) for key in api_keys]
-        if scheme.lower() != "bearer" or not any(matched):
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        key = keys.lookup(presented.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
             raise errors.Unauthorized(
                 "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                 headers={"www-authenticate": "Bearer"},
             )
+        g.key = key
+
+    @app.after_request
+    async def tag_and_log(response: Response) -> Response:
+        request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
+        response.headers["x-request-id"] = request_id
+        if request.scope.get(_RELAY_SCOPE_KEY) is None and request.scope.get(_STATS_SCOPE_KEY) is None:
+            # Streams and completions log their own line when they end; this is everything else.
+            if request.path.startswith("/v1/") or response.status_code >= 400:
+                request_log.info(
+                    {
+                        "event": "request",
+                        "request_id": request_id,
+                        "method": request.method,
+                        "path": request.path,
+                        "status": response.status_code,
+                        "key": g.key.name if getattr(g, "key", None) is not None else None,
+                        "total_ms": round((trio.current_time() - getattr(g, "started_at", trio.current_time())) * 1000, 3),
+                    }
+                )
+            if request.path == "/v1/chat/completions" and response.status_code >= 400:
+                state.prometheus.request_refused(getattr(g, "model", "-"), response.status_code)
+        return response
 
     if settings.cors_origins:
         # CORS is off unless origins are listed; never with credentials, so a
@@ -210,10 +269,13 @@ def create_app(settings: Settings) -> SluiceApp:
     async def chat_completions() -> Response:
         raw = await request.get_data(cache=False)
         parsed = parse_chat_request(raw)  # type: ignore[arg-type]
+        g.model = parsed.model.model
         policy = choose_backpressure(
             request.headers.get(BACKPRESSURE_HEADER), parsed.model.backpressure_strategy, settings.backpressure
         )
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        router = state.router
+        assert router is not None
+        route = router.route(parsed.model.model)
         metrics = state.metrics
         if state.draining:
             raise errors.ShuttingDown("The gateway is shutting down.", headers={"retry-after": "1"})
@@ -222,21 +284,31 @@ def create_app(settings: Settings) -> SluiceApp:
                 f"The gateway is at its limit of {settings.max_streams} concurrent streams.",
                 headers={"retry-after": "1"},
             )
-        upstream = state.upstream
-        assert upstream is not None
-        stats = StreamStats(request_id=request_id, model=parsed.model.model, policy=policy.value, stream=parsed.stream)
+        key: VirtualKey | None = g.key
+        if key is not None and key.limited:
+            try:
+                await state.limits.admit(key)
+            except errors.RateLimited as refused:
+                state.prometheus.rate_limited.labels(getattr(refused, "limit", "requests")).inc()
+                raise
+            request.scope[_ADMITTED_SCOPE_KEY] = key
+        stats = StreamStats(request_id=g.request_id, model=parsed.model.model, policy=policy.value, stream=parsed.stream)
+        request.scope[_STATS_SCOPE_KEY] = stats
 
         def count_attempt() -> None:
             stats.upstream_attempts += 1
 
         metrics.stream_started()
         if not parsed.stream:
-            return await _complete(
-                upstream, parsed.upstream_body, stats, metrics, count_attempt, settings.completion_timeout
-            )
+            return await _complete(router, route, parsed, stats, metrics, count_attempt, settings.completion_timeout)
 
         async def open_upstream() -> Any:
-            return await upstream.open_chat_stream(parsed.upstream_body, on_attempt=count_attempt)
+            return await router.open_stream(route, parsed, on_attempt=count_attempt)
+
+        async def open_hedge(primary: Deployment) -> Any:
+            return await router.open_stream(
+                route, parsed, on_attempt=count_attempt, exclude=(primary,), with_fallbacks=False
+            )
 
         relay = StreamRelay(
             open_upstream=open_upstream,
@@ -249,20 +321,30 @@ def create_app(settings: Settings) -> SluiceApp:
             idle_timeout=settings.idle_timeout,
             ping_interval=settings.ping_interval,
             max_reopens=settings.retry_max_attempts - 1,
+            open_hedge=open_hedge,
+            hedge_delay=route.hedge_delay(settings.hedge_min_samples),
+            observe_first_token=lambda seconds: router.observe_first_token(route, seconds),
         )
         request.scope[_RELAY_SCOPE_KEY] = relay
         state.relays.add(relay)
         await relay.open()
         response = Response(relay, status=200, headers=SSE_HEADERS)
-        response.headers["x-request-id"] = request_id
+        response.headers["x-sluice-deployment"] = relay.first_deployment
         response.timeout = None
         return response
 
     @app.get("/v1/models")
     async def models() -> Response:
-        assert state.upstream is not None
-        upstream_response = await state.upstream.list_models()
+        router = state.router
+        assert router is not None
+        if router.passthrough is None:
+            return Response(router.models_document(), status=200, content_type="application/json")
+        upstream_response = await router.default_client.list_models()
         return Response(upstream_response.content, status=200, content_type="application/json")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(state.prometheus.render(), status=200, content_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> Response:
@@ -295,8 +377,9 @@ def process_figures() -> dict[str, int]:
 
 
 async def _complete(
-    upstream: UpstreamClient,
-    body: bytes,
+    router: Router,
+    route: Any,
+    parsed: Any,
     stats: StreamStats,
     metrics: GatewayMetrics,
     count_attempt: Any,
@@ -305,7 +388,7 @@ async def _complete(
     """A non-streaming completion: relay the upstream's JSON and status as they are."""
     try:
         with trio.move_on_after(timeout) as deadline:
-            upstream_response = await upstream.chat_completion(body, on_attempt=count_attempt)
+            upstream_response, deployment = await router.complete(route, parsed, on_attempt=count_attempt)
         if deadline.cancelled_caught:
             raise errors.UpstreamTimeout(f"The upstream did not complete within {timeout:g} s.")
     except errors.SluiceError as exc:
@@ -317,13 +400,25 @@ async def _complete(
     else:
         stats.outcome = "done"
         stats.first_token_at = trio.current_time()
+        stats.deployment = deployment.name
+        stats.tokens = _completion_tokens(upstream_response.content)
     finally:
         stats.ended_at = trio.current_time()
         metrics.stream_finished(stats)
         logging.getLogger("sluice.stream").info({"event": "completion", **stats.figures()})
     response = Response(upstream_response.content, status=upstream_response.status_code, content_type="application/json")
-    response.headers["x-request-id"] = stats.request_id
+    response.headers["x-sluice-deployment"] = deployment.name
     return response
+
+
+def _completion_tokens(content: bytes) -> int:
+    """``usage.completion_tokens`` of a completion body (for tokens/minute limits and metrics)."""
+    try:
+        usage = json.loads(content).get("usage") or {}
+    except (ValueError, AttributeError):
+        return 0
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) else 0
 
 
 async def _serve_simulator(state: GatewayState, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -7,10 +7,9 @@ Flags override ``SLUICE_*`` environment variables, which override defaults
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
-
-from pydantic import ValidationError
 
 from .logs import configure_logging
 from .policies import Backpressure
@@ -28,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gateway",
         description="Run the gateway. With no upstream configured it serves from an embedded simulated model.",
+    )
+    serve.add_argument(
+        "--config", help="TOML config file: models, deployments, keys and any setting below [SLUICE_CONFIG]; see sluice.example.toml"
     )
     serve.add_argument("--host", help="address to listen on [SLUICE_HOST, default 127.0.0.1]")
     serve.add_argument("--port", type=int, help="port to listen on [SLUICE_PORT, default 8000]")
@@ -76,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("INFO")
         run_simulator(args.host, args.port)
         return 0
-    from .config import Settings
+    from .config import ConfigError, load_settings
 
     overrides: dict[str, Any] = {
-        name: value for name, value in vars(args).items() if name != "command" and value is not None
+        name: value for name, value in vars(args).items() if name not in ("command", "config") and value is not None
     }
     try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
+        settings = load_settings(args.config or os.environ.get("SLUICE_CONFIG"), **overrides)
+    except ConfigError as exc:
         print(f"sluice: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)

@@ -1,21 +1,113 @@
-"""Settings: command-line flags > ``SLUICE_*`` environment variables > defaults.
+"""Settings: command-line flags > ``SLUICE_*`` environment variables > config file > defaults.
 
-One immutable :class:`Settings` object is built at start-up and handed to
-the app factory; nothing reads the environment after that.
+One immutable :class:`Settings` object is built at start-up
+(:func:`load_settings`) and handed to the app factory; nothing reads the
+environment or the file after that, except provider and gateway keys, which
+the file names by environment variable and :func:`load_settings` resolves
+once (a key never lives in the file itself).
+
+The config file (TOML, ``--config``) holds every flag's setting under its
+own name plus what only a file can say: the model list with its
+deployments, fallbacks and hedging, and the virtual keys with their limits.
+``sluice.example.toml`` documents every key.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from .policies import Backpressure, RetryPolicy
 
 
+class ConfigError(Exception):
+    """The settings or the config file are invalid; the message names the bad key."""
+
+
+def _base_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value.rstrip("/")
+
+
+class DeploymentConfig(BaseModel):
+    """One place a model is served: an OpenAI-compatible base URL and its key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: OpenAI-style base URL including ``/v1``
+    base_url: str
+    #: name of the environment variable holding the provider key (never the key itself)
+    api_key_env: str | None = None
+    #: the model name the provider knows; default: the public name
+    model: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+    #: shown in metrics and logs; default: ``<public model>#<index>``
+    name: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        return _base_url(value)
+
+
+class ModelConfig(BaseModel):
+    """A public model name and the deployments that serve it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    #: ``least_busy``: fewest active streams per unit of weight; ``weighted``: random by weight
+    strategy: Literal["least_busy", "weighted"] = "least_busy"
+    #: other public models to try, in order, when every deployment of this one failed
+    fallbacks: list[str] = Field(default_factory=list)
+    #: start the same request on another deployment if no token came by then
+    hedge_after_ms: float | None = Field(default=None, gt=0)
+    #: or hedge after this percentile of the model's observed time to first token
+    hedge_after: Literal["p50", "p90", "p95", "p99"] | None = None
+
+
+class VirtualKeyConfig(BaseModel):
+    """A gateway key a client sends as ``Authorization: Bearer``, with optional limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    #: the environment variable holding the key
+    key_env: str = Field(min_length=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrent_streams: int | None = Field(default=None, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_", frozen=True, extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if _config_file is not None:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=_config_file),)
+        return sources
 
     # --- listening -------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -65,7 +157,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     body_timeout: float = Field(default=30.0, gt=0)
 
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = "INFO"
+
+    # --- routing (config file) -------------------------------------------------------
+    #: public models; empty = every model name goes to the one upstream as it is
+    models: list[ModelConfig] = Field(default_factory=list)
+    #: a deployment that failed this many times in a row rests for ``cooldown_seconds``
+    cooldown_failures: int = Field(default=3, ge=1)
+    cooldown_seconds: float = Field(default=30.0, ge=0)
+    #: hedging by percentile waits for this many observed first tokens before it starts
+    hedge_min_samples: int = Field(default=20, ge=1)
+
+    # --- limits (config file) ----------------------------------------------------------
+    keys: list[VirtualKeyConfig] = Field(default_factory=list)
+    #: Redis shared by every worker and instance for limits and cooldowns; unset = in-process
+    redis_url: str | None = None
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -84,6 +190,21 @@ class Settings(BaseSettings):
             raise ValueError("upstream_base_url must start with http:// or https://")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _routes_are_consistent(self) -> Settings:
+        names = [model.name for model in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate model name(s) {duplicates}")
+        for index, model in enumerate(self.models):
+            for fallback in model.fallbacks:
+                if fallback not in names or fallback == model.name:
+                    raise ValueError(f"models[{index}].fallbacks: {fallback!r} is not another configured model")
+        key_names = [key.name for key in self.keys]
+        if len(set(key_names)) != len(key_names):
+            raise ValueError("keys: duplicate key name")
+        return self
+
     @property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -92,3 +213,45 @@ class Settings(BaseSettings):
             backoff_max=self.retry_backoff_max,
             budget=self.retry_budget,
         )
+
+
+#: the config file the next :class:`Settings` reads (set only inside :func:`load_settings`)
+_config_file: Path | None = None
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from flags (``overrides``), ``SLUICE_*`` variables and the config file.
+
+    Raises :class:`ConfigError` with one line per bad key, and checks that
+    every environment variable the file names for a key is set.
+    """
+    global _config_file
+    path = Path(config_file) if config_file else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            with path.open("rb") as handle:
+                tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _config_file = path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        where = f"{path}: " if path else ""
+        lines = []
+        for error in exc.errors(include_url=False):
+            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            lines.append(f"{where}{key}: {error['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    finally:
+        _config_file = None
+    missing = [
+        variable
+        for variable in [d.api_key_env for m in settings.models for d in m.deployments] + [k.key_env for k in settings.keys]
+        if variable is not None and not os.environ.get(variable)
+    ]
+    if missing:
+        raise ConfigError(f"environment variable(s) named in the config are not set: {', '.join(sorted(set(missing)))}")
+    return settings

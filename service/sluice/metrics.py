@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from .prometheus import PrometheusMetrics
 
 
 @dataclass(slots=True)
@@ -39,6 +42,12 @@ class StreamStats:
     dropped: int = 0
     coalesced: int = 0
     pings: int = 0
+    #: the deployment that served the stream (the hedge's, when it won)
+    deployment: str | None = None
+    #: ``none``, ``won`` (the hedge served the stream), ``lost`` (the first request did), ``failed``
+    hedge: str = "none"
+    #: the stream's producer ran (its upstream request opened)
+    streamed: bool = False
 
     @property
     def ttft_ms(self) -> float | None:
@@ -83,6 +92,8 @@ class StreamStats:
             "blocked_ms": round(self.blocked_seconds * 1000.0, 3),
             "dropped": self.dropped,
             "coalesced": self.coalesced,
+            "deployment": self.deployment,
+            "hedge": self.hedge,
         }
 
     def comment_text(self) -> str:
@@ -93,7 +104,8 @@ class StreamStats:
 class GatewayMetrics:
     """Aggregate figures for one worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, prometheus: PrometheusMetrics | None = None) -> None:
+        self.prometheus = prometheus
         self.active_streams = 0
         self.requests = 0
         self.outcomes: Counter[str] = Counter()
@@ -102,14 +114,22 @@ class GatewayMetrics:
         self.blocked_seconds = 0.0
         self.peak_queue_max = 0
         self._ttft_ms: list[float] = []
+        self.hedges: Counter[str] = Counter()
 
     def stream_started(self) -> None:
         self.active_streams += 1
         self.requests += 1
+        if self.prometheus is not None:
+            self.prometheus.streams_active.inc()
 
     def stream_finished(self, stats: StreamStats) -> None:
         self.active_streams -= 1
+        if self.prometheus is not None:
+            self.prometheus.streams_active.dec()
+            self.prometheus.stream_finished(stats)
         self.outcomes[stats.outcome] += 1
+        if stats.hedge != "none":
+            self.hedges[stats.hedge] += 1
         policy = self.by_policy.setdefault(stats.policy, Counter())
         policy["streams"] += 1
         policy["dropped"] += stats.dropped
@@ -149,4 +169,5 @@ class GatewayMetrics:
             "peak_queue_max": self.peak_queue_max,
             "ttft_ms": {"p50": pct(0.5), "p99": pct(0.99), "window": len(ttfts)},
             "by_policy": {name: dict(counts) for name, counts in self.by_policy.items()},
+            "hedges": dict(self.hedges),
         }

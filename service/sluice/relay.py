@@ -28,6 +28,13 @@ Invariants:
   channel (pings are comments, not content).
 * At most ``capacity`` batches are queued per stream: the channel's capacity
   is the stream's memory bound in the gateway.
+
+Hedging (a model with ``hedge_after_ms``/``hedge_after``): if no token has
+arrived by the hedge delay, a second producer starts the same request on
+another deployment, in the same nursery, feeding the same channel. The first
+producer to have a token to send *claims* the stream (a plain check-and-set:
+trio runs one task at a time); the other is cancelled at once and its
+upstream response closed. The client sees one stream, from one upstream.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from .errors import (
 )
 from .metrics import GatewayMetrics, StreamStats
 from .policies import Backpressure
+from .router import Deployment, OpenedStream
 from .wire.openai import coalesce_events
 from .wire.sse import DONE_EVENT, EventFramer, comment_event, data_event
 
@@ -61,7 +69,27 @@ PING_EVENT = b": ping\n\n"
 #: how long a finished stream may keep reading the upstream's end of body
 REUSE_GRACE = 0.25
 
-OpenUpstream = Callable[[], Awaitable[httpx2.Response]]
+OpenUpstream = Callable[[], Awaitable[OpenedStream]]
+OpenHedge = Callable[[Deployment], Awaitable[OpenedStream]]
+
+
+class _Producer:
+    """One upstream request feeding the stream: the first, a reopen of it, or a hedge."""
+
+    __slots__ = ("opened", "scope", "forwarded", "error", "running", "is_hedge")
+
+    def __init__(self, opened: OpenedStream | None, *, is_hedge: bool = False) -> None:
+        self.opened = opened
+        self.scope = trio.CancelScope()
+        #: something of this producer's upstream body reached the channel
+        self.forwarded = False
+        self.error: SluiceError | None = None
+        self.running = True
+        self.is_hedge = is_hedge
+
+    async def aclose(self) -> None:
+        if self.opened is not None:
+            await self.opened.aclose()
 
 
 class StreamRelay(ResponseBody):
@@ -80,8 +108,14 @@ class StreamRelay(ResponseBody):
         idle_timeout: float,
         ping_interval: float,
         max_reopens: int,
+        open_hedge: OpenHedge | None = None,
+        hedge_delay: float | None = None,
+        observe_first_token: Callable[[float], None] | None = None,
     ) -> None:
         self._open_upstream = open_upstream
+        self._open_hedge = open_hedge if hedge_delay is not None else None
+        self._hedge_delay = hedge_delay
+        self._observe_first_token = observe_first_token
         self.stats = stats
         self._metrics = metrics
         self._capacity = capacity
@@ -92,14 +126,16 @@ class StreamRelay(ResponseBody):
         self._ping_interval = ping_interval
         self._reopens_left = max_reopens
 
-        self._response: httpx2.Response | None = None
+        self._producers: list[_Producer] = []
+        #: the producer whose upstream serves the stream (set by :meth:`_claim`)
+        self._winner: _Producer | None = None
+        self._hedge_timer = trio.CancelScope()
         self._nursery_manager: Any = None
         self._nursery: trio.Nursery | None = None
         self._receive: trio.MemoryReceiveChannel[bytes] | None = None
         #: set by the producer when the stream cannot finish; sent as the final event
         self._error: SluiceError | None = None
         self._upstream_error_event: bytes | None = None
-        self._forwarded_any = False
         self._producer_scope = trio.CancelScope()
         self._finished = False
         self._released = False
@@ -114,7 +150,8 @@ class StreamRelay(ResponseBody):
         """
         try:
             with trio.move_on_at(self._first_token_deadline) as deadline:
-                self._response = await self._open_upstream()
+                opened = await self._open_upstream()
+                self._producers.append(_Producer(opened))
             if deadline.cancelled_caught:
                 raise UpstreamTimeout("The upstream did not answer in time.")
         except BaseException as exc:
@@ -124,12 +161,19 @@ class StreamRelay(ResponseBody):
             await self.release()
             raise
 
+    @property
+    def first_deployment(self) -> str:
+        """The deployment the stream opened on (a hedge that wins is in the figures)."""
+        opened = self._producers[0].opened if self._producers else None
+        return opened.deployment.name if opened is not None else ""
+
     # --- the nursery --------------------------------------------------------------
 
     async def __aenter__(self) -> StreamRelay:
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         send_channel, self._receive = trio.open_memory_channel[bytes](self._capacity)
+        self.stats.streamed = True
         self._nursery.start_soon(self._produce, send_channel)
         return self
 
@@ -157,10 +201,8 @@ class StreamRelay(ResponseBody):
         if self._released:
             return
         self._released = True
-        with trio.CancelScope(shield=True):
-            if self._response is not None:
-                with trio.move_on_after(1.0):
-                    await self._response.aclose()
+        for producer in self._producers:
+            await producer.aclose()  # shielded
         stats = self.stats
         stats.ended_at = trio.current_time()
         if stats.outcome == "running":
@@ -248,7 +290,10 @@ class StreamRelay(ResponseBody):
         async with send_channel:
             try:
                 with self._producer_scope:
-                    await self._pump(send_channel)
+                    if self._open_hedge is None:
+                        await self._pump(send_channel, self._producers[0])
+                    else:
+                        await self._race(send_channel)
             except SluiceError as exc:
                 self._error = exc
             except Exception:
@@ -256,13 +301,82 @@ class StreamRelay(ResponseBody):
                 log.exception("relay producer failed")
                 self._error = StreamInterrupted("The gateway failed while relaying the stream.")
 
-    async def _pump(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
+    # --- hedging ---------------------------------------------------------------------
+
+    async def _race(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
+        """The first request, and a hedge if no token came by the hedge delay; one wins."""
+        assert self._hedge_delay is not None and self._open_hedge is not None
+        first = self._producers[0]
+        async with trio.open_nursery() as race:
+            race.start_soon(self._contend, race, send_channel, first)
+            with self._hedge_timer:
+                await trio.sleep_until(self.stats.started_at + self._hedge_delay)
+                assert first.opened is not None
+                try:
+                    opened = await self._open_hedge(first.opened.deployment)
+                except SluiceError:
+                    self.stats.hedge = "failed"
+                    return
+                hedge = _Producer(opened, is_hedge=True)
+                self._producers.append(hedge)
+                self.stats.hedge = "started"
+                race.start_soon(self._contend, race, send_channel, hedge)
+        if self.stats.hedge == "started":
+            self.stats.hedge = "failed"  # started, and neither request produced a token
+        winner = self._winner
+        if winner is not None:
+            if winner.error is not None:
+                raise winner.error
+            return
+        # Nobody produced anything: the stream fails as the first request did.
+        for producer in self._producers:
+            if producer.error is not None:
+                raise producer.error
+
+    async def _contend(
+        self, race: trio.Nursery, send_channel: trio.MemorySendChannel[bytes], producer: _Producer
+    ) -> None:
+        with producer.scope:
+            try:
+                await self._pump(send_channel, producer)
+            except SluiceError as exc:
+                producer.error = exc
+            finally:
+                producer.running = False
+                if self._winner is not producer:
+                    await producer.aclose()  # shielded: the loser's upstream sees the close now
+        if self._winner is producer or not any(p.running for p in self._producers):
+            # Done, or every request failed before a token: no hedge is due any more.
+            race.cancel_scope.cancel()
+
+    def _claim(self, producer: _Producer) -> bool:
+        """The stream goes to the first producer with something to send; tell the others."""
+        if self._winner is not None:
+            return self._winner is producer
+        self._winner = producer
+        stats = self.stats
+        stats.first_token_at = trio.current_time()
+        if producer.opened is not None:
+            stats.deployment = producer.opened.deployment.name
+        if self._observe_first_token is not None:
+            self._observe_first_token(stats.first_token_at - stats.started_at)
+        if stats.hedge == "started":
+            stats.hedge = "won" if producer.is_hedge else "lost"
+        self._hedge_timer.cancel()
+        for other in self._producers:
+            if other is not producer:
+                other.scope.cancel()
+        return True
+
+    # --- one upstream request -----------------------------------------------------------
+
+    async def _pump(self, send_channel: trio.MemorySendChannel[bytes], producer: _Producer) -> None:
         stats = self.stats
         framer = EventFramer()
         deadline_at = self._first_token_deadline
         while True:
-            response = self._response
-            assert response is not None
+            assert producer.opened is not None
+            response = producer.opened.response
             # One scope per attempt (a scope is single-use); its deadline moves
             # on every read rather than a new scope per read.
             deadline = trio.CancelScope(deadline=deadline_at)
@@ -272,28 +386,32 @@ class StreamRelay(ResponseBody):
                         async for chunk in chunks:
                             payload = framer.feed(chunk)
                             if payload:
-                                if not self._forwarded_any:
-                                    self._forwarded_any = True
-                                    stats.first_token_at = trio.current_time()
+                                if not producer.forwarded:
+                                    if not self._claim(producer):
+                                        return  # another request won the race
+                                    producer.forwarded = True
                                 stats.batches += 1
                                 await self._offer(send_channel, payload)
                             if framer.finished:
+                                if not self._claim(producer):
+                                    return
                                 if framer.done:
                                     self._account(framer)  # before the consumer writes the figures
                                     await self._drain_for_reuse(send_channel, chunks)
                                 break
                             deadline.deadline = trio.current_time() + self._idle_timeout
             except httpx2.HTTPError as exc:
-                if await self._reopen_if_untouched():
+                if await self._reopen_if_untouched(producer):
                     framer = EventFramer()
                     continue
                 raise StreamInterrupted(
                     f"The upstream connection broke mid-stream ({type(exc).__name__})."
                 ) from None
             finally:
-                self._account(framer)
+                if self._winner is producer:
+                    self._account(framer)
             if deadline.cancelled_caught:
-                if self._forwarded_any:
+                if producer.forwarded:
                     raise UpstreamTimeout(f"The upstream sent nothing for {self._idle_timeout:g} s.")
                 raise UpstreamTimeout("The upstream sent no first token in time.")
             break
@@ -330,16 +448,15 @@ class StreamRelay(ResponseBody):
             async for _ in chunks:
                 pass
 
-    async def _reopen_if_untouched(self) -> bool:
-        """Retry a stream that broke before any of its body reached the client."""
-        if self._forwarded_any or self._reopens_left <= 0:
+    async def _reopen_if_untouched(self, producer: _Producer) -> bool:
+        """Retry a request that broke before any of its body reached the client."""
+        if producer.forwarded or self._reopens_left <= 0:
             return False
         self._reopens_left -= 1
-        assert self._response is not None
-        with trio.CancelScope(shield=True):
-            await self._response.aclose()
-        self._response = None
-        self._response = await self._open_upstream()
+        await producer.aclose()
+        producer.opened = None
+        opened = await self._open_upstream()
+        producer.opened = opened
         return True
 
     async def _offer(self, send_channel: trio.MemorySendChannel[bytes], payload: bytes) -> None:

@@ -70,6 +70,19 @@ class ParsedRequest:
     def stream(self) -> bool:
         return bool(self.model.stream)
 
+    def body_for_model(self, upstream_model: str | None) -> bytes:
+        """The bytes to send a deployment that knows the model as ``upstream_model``.
+
+        The client's own bytes when the name is unchanged; re-serialised only
+        when a deployment's provider uses another name (once per attempt,
+        never per token).
+        """
+        if upstream_model is None or upstream_model == self.model.model:
+            return self.upstream_body
+        forwarded = {k: v for k, v in self.body.items() if k != BACKPRESSURE_FIELD}
+        forwarded["model"] = upstream_model
+        return json.dumps(forwarded, separators=(",", ":"), ensure_ascii=False).encode()
+
 
 def parse_chat_request(raw: bytes) -> ParsedRequest:
     """Validate a chat-completions body; raise :class:`InvalidRequest` with ``param``."""

@@ -1,0 +1,113 @@
+"""``GET /metrics``: the gateway's figures in Prometheus text format (prometheus_client).
+
+Every update happens once per request or per stream, from the figures the
+relay already keeps (:class:`~sluice.metrics.StreamStats`), never per token.
+
+With several workers (``sluice serve --workers N``) each worker process
+writes its values to ``PROMETHEUS_MULTIPROC_DIR`` and any worker's
+``/metrics`` aggregates them all (prometheus_client's multiprocess mode):
+counters and histograms are summed, ``sluice_streams_active`` is the live
+sum and ``sluice_channel_peak_depth`` the maximum.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .metrics import StreamStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_MID_STREAM_UPSTREAM_FAILURES = frozenset({"stream_interrupted", "upstream_timeout", "upstream_error_event"})
+#: model labels come from clients in passthrough mode: cap the distinct values
+_MAX_MODEL_LABELS = 100
+
+
+class PrometheusMetrics:
+    """The gateway's Prometheus series, in a registry of its own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sluice_requests", "Requests by public model and status.", ["model", "status"], registry=r)
+        self.streams_active = Gauge(
+            "sluice_streams_active", "Requests in flight.", registry=r, multiprocess_mode="livesum"
+        )
+        self.ttft = Histogram(
+            "sluice_time_to_first_token_seconds", "From request to first token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.duration = Histogram(
+            "sluice_stream_duration_seconds", "From request to last byte.", buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.tokens = Counter("sluice_tokens", "Completion tokens relayed.", ["model"], registry=r)
+        self.retries = Counter("sluice_upstream_retries", "Upstream attempts beyond the first.", registry=r)
+        self.upstream_errors = Counter(
+            "sluice_upstream_errors", "Upstream failures by error code.", ["code"], registry=r
+        )
+        self.fallbacks = Counter(
+            "sluice_fallbacks", "Requests moved to another deployment.", ["deployment"], registry=r
+        )
+        self.cooldowns = Counter(
+            "sluice_deployment_cooldowns", "Deployments put in cooldown.", ["deployment"], registry=r
+        )
+        self.disconnects = Counter("sluice_client_disconnects", "Streams the client left early.", registry=r)
+        self.dropped = Counter("sluice_backpressure_dropped", "Events dropped by drop policies.", registry=r)
+        self.coalesced = Counter("sluice_backpressure_coalesced", "Events merged by coalesce.", registry=r)
+        self.hedges = Counter("sluice_hedges", "Hedged requests by outcome.", ["outcome"], registry=r)
+        self.rate_limited = Counter("sluice_rate_limited", "Requests refused by a key's limit.", ["limit"], registry=r)
+        self.channel_peak = Gauge(
+            "sluice_channel_peak_depth", "Deepest any stream's channel got.", registry=r, multiprocess_mode="max"
+        )
+        self._peak = 0
+        self._models: set[str] = set()
+
+    def model_label(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) >= _MAX_MODEL_LABELS:
+            return "other"
+        self._models.add(model)
+        return model
+
+    def request_refused(self, model: str, status: int) -> None:
+        """A request that ended before it reached the upstream (validation, auth, limits)."""
+        self.requests.labels(self.model_label(model), str(status)).inc()
+
+    def stream_finished(self, stats: StreamStats) -> None:
+        model = self.model_label(stats.model)
+        self.requests.labels(model, str(stats.status)).inc()
+        self.duration.observe(stats.total_ms / 1000.0)
+        ttft = stats.ttft_ms
+        if ttft is not None:
+            self.ttft.observe(ttft / 1000.0)
+        if stats.token_count:
+            self.tokens.labels(model).inc(stats.token_count)
+        if stats.upstream_attempts > 1:
+            self.retries.inc(stats.upstream_attempts - 1)
+        outcome = stats.outcome
+        if outcome == "client_disconnect":
+            self.disconnects.inc()
+        elif stats.streamed and outcome[len("error:") :] in _MID_STREAM_UPSTREAM_FAILURES:
+            # Failures before the stream opened are counted per attempt by the router.
+            self.upstream_errors.labels(outcome[len("error:") :]).inc()
+        if stats.dropped:
+            self.dropped.inc(stats.dropped)
+        if stats.coalesced:
+            self.coalesced.inc(stats.coalesced)
+        if stats.hedge != "none":
+            self.hedges.labels(stats.hedge).inc()
+        if stats.peak_queue > self._peak:
+            self._peak = stats.peak_queue
+            self.channel_peak.set(stats.peak_queue)
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

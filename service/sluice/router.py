@@ -1,0 +1,305 @@
+"""Routing: which deployment serves a request, and what happens when one fails.
+
+A public model name (what clients send) maps to a :class:`ModelRoute`: one
+or more :class:`Deployment` s (a base URL, a key, the provider's model
+name, a weight) and, optionally, fallback models. With no models
+configured the router has one *passthrough* route: every model name goes to
+the one upstream (``upstream_base_url`` or the embedded simulator) as it is.
+
+Invariants:
+
+* Selection is local and cheap (no I/O): ``least_busy`` picks the fewest
+  active streams per unit of weight, ``weighted`` picks at random by
+  weight; deployments in cooldown are tried only when nothing else is left.
+* A request fails over to the next deployment, then to each fallback model,
+  only on failures a different provider might not have (unreachable,
+  timeout, 429, 5xx, 401/403/404 from a misconfigured deployment), and only
+  before the first byte of a body: :meth:`Router.open_stream` returns an
+  open 2xx stream or raises the last failure.
+* Every :class:`OpenedStream` counts as active on its deployment until its
+  :meth:`OpenedStream.aclose`, which closes the upstream response; it is
+  idempotent and shielded, so the cancellation of a client disconnect still
+  closes the provider's socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+import httpx2
+import trio
+
+from . import errors
+from .config import ModelConfig, Settings
+from .upstream import UpstreamClient
+from .wire.openai import ParsedRequest
+
+#: percentile names allowed for ``hedge_after``
+_PERCENTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
+#: the first-token window each model keeps for percentile hedging
+_TTFT_WINDOW = 512
+
+
+class ModelNotFound(errors.NotFound):
+    code = "model_not_found"
+
+
+@dataclass(eq=False)
+class Deployment:
+    """One provider endpoint serving a public model."""
+
+    name: str
+    client: UpstreamClient
+    #: the provider's model name; ``None`` = the name the client sent
+    upstream_model: str | None
+    weight: float = 1.0
+    active: int = 0
+    consecutive_failures: int = 0
+    cooldown_until: float = float("-inf")
+
+    def cooling(self, now: float) -> bool:
+        return now < self.cooldown_until
+
+
+@dataclass(eq=False)
+class ModelRoute:
+    name: str
+    deployments: list[Deployment]
+    strategy: str = "least_busy"
+    fallbacks: tuple[str, ...] = ()
+    hedge_after_ms: float | None = None
+    hedge_after_percentile: float | None = None
+    ttft_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_TTFT_WINDOW))
+
+    def hedge_delay(self, min_samples: int) -> float | None:
+        """Seconds after the request's start to start a hedge; ``None``: no hedging."""
+        if len(self.deployments) < 2:
+            return None
+        if self.hedge_after_percentile is not None and len(self.ttft_seconds) >= min_samples:
+            ordered = sorted(self.ttft_seconds)
+            return ordered[min(len(ordered) - 1, int(self.hedge_after_percentile * len(ordered)))]
+        if self.hedge_after_ms is not None:
+            return self.hedge_after_ms / 1000.0
+        return None
+
+
+class OpenedStream:
+    """An open 2xx upstream stream and the deployment it counts against."""
+
+    __slots__ = ("response", "deployment", "_closed")
+
+    def __init__(self, response: httpx2.Response, deployment: Deployment) -> None:
+        self.response = response
+        self.deployment = deployment
+        self._closed = False
+        deployment.active += 1
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.deployment.active -= 1
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            await self.response.aclose()
+
+
+@dataclass
+class RouterEvents:
+    """What the router reports (wired to the Prometheus metrics by the app)."""
+
+    deployment_failed: Callable[[Deployment, errors.SluiceError], None] = lambda deployment, error: None
+    fell_back: Callable[[Deployment], None] = lambda deployment: None
+    cooled_down: Callable[[Deployment], None] = lambda deployment: None
+
+
+def fails_over(error: errors.SluiceError) -> bool:
+    """Would another deployment plausibly succeed where this one failed?"""
+    if isinstance(error, errors.UpstreamStatusError):
+        return error.status in (401, 403, 404, 408, 429) or error.status >= 500
+    return isinstance(error, (errors.UpstreamUnavailable, errors.UpstreamTimeout))
+
+
+class Router:
+    """The model table of one worker, with the health of its deployments."""
+
+    def __init__(self, settings: Settings, default_base_url: str, events: RouterEvents | None = None) -> None:
+        self._settings = settings
+        self.events = events or RouterEvents()
+        self._clients: dict[tuple[str, str | None], UpstreamClient] = {}
+        self.routes: dict[str, ModelRoute] = {}
+        self.passthrough: ModelRoute | None = None
+        if settings.models:
+            for model in settings.models:
+                self.routes[model.name] = self._build_route(model)
+        else:
+            key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+            client = self._client(default_base_url, key)
+            self.passthrough = ModelRoute("*", [Deployment("default", client, None)])
+
+    def _client(self, base_url: str, api_key: str | None) -> UpstreamClient:
+        # Deployments on the same endpoint with the same key share one pool.
+        cache_key = (base_url, api_key)
+        client = self._clients.get(cache_key)
+        if client is None:
+            client = UpstreamClient(
+                base_url,
+                api_key=api_key,
+                max_connections=self._settings.max_streams,
+                connect_timeout=self._settings.connect_timeout,
+                retry_policy=self._settings.retry_policy,
+            )
+            self._clients[cache_key] = client
+        return client
+
+    def _build_route(self, model: ModelConfig) -> ModelRoute:
+        deployments = []
+        for index, config in enumerate(model.deployments):
+            key = os.environ.get(config.api_key_env) if config.api_key_env else None
+            deployments.append(
+                Deployment(
+                    name=config.name or f"{model.name}#{index}",
+                    client=self._client(config.base_url, key),
+                    upstream_model=config.model or model.name,
+                    weight=config.weight,
+                )
+            )
+        return ModelRoute(
+            name=model.name,
+            deployments=deployments,
+            strategy=model.strategy,
+            fallbacks=tuple(model.fallbacks),
+            hedge_after_ms=model.hedge_after_ms,
+            hedge_after_percentile=_PERCENTILES[model.hedge_after] if model.hedge_after else None,
+        )
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+
+    # --- lookup ---------------------------------------------------------------------
+
+    def route(self, model: str) -> ModelRoute:
+        if self.passthrough is not None:
+            return self.passthrough
+        route = self.routes.get(model)
+        if route is None:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it.", param="model"
+            )
+        return route
+
+    def models_document(self) -> bytes:
+        """``GET /v1/models`` for configured models (passthrough relays the upstream's list)."""
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "sluice"} for name in self.routes]
+        return json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+
+    @property
+    def default_client(self) -> UpstreamClient:
+        assert self.passthrough is not None
+        return self.passthrough.deployments[0].client
+
+    # --- selection ------------------------------------------------------------------
+
+    def candidates(self, route: ModelRoute, exclude: Iterable[Deployment] = ()) -> list[Deployment]:
+        """The route's deployments in the order to try them: healthy by strategy, then cooling."""
+        now = trio.current_time()
+        excluded = set(map(id, exclude))
+        pool = [d for d in route.deployments if id(d) not in excluded]
+        healthy = [d for d in pool if not d.cooling(now)]
+        cooling = sorted((d for d in pool if d.cooling(now)), key=lambda d: d.cooldown_until)
+        return _ordered(healthy, route.strategy) + cooling
+
+    def _attempt_order(self, route: ModelRoute, exclude: Iterable[Deployment], with_fallbacks: bool) -> list[Deployment]:
+        order = self.candidates(route, exclude)
+        if with_fallbacks:
+            for name in route.fallbacks:
+                order += self.candidates(self.routes[name])
+        return order
+
+    # --- health ---------------------------------------------------------------------
+
+    def _failed(self, deployment: Deployment, error: errors.SluiceError) -> None:
+        self.events.deployment_failed(deployment, error)
+        deployment.consecutive_failures += 1
+        if deployment.consecutive_failures >= self._settings.cooldown_failures and self._settings.cooldown_seconds > 0:
+            deployment.cooldown_until = trio.current_time() + self._settings.cooldown_seconds
+            deployment.consecutive_failures = 0
+            self.events.cooled_down(deployment)
+
+    @staticmethod
+    def _succeeded(deployment: Deployment) -> None:
+        deployment.consecutive_failures = 0
+
+    def observe_first_token(self, route: ModelRoute, seconds: float) -> None:
+        route.ttft_seconds.append(seconds)
+
+    # --- requests -------------------------------------------------------------------
+
+    async def open_stream(
+        self,
+        route: ModelRoute,
+        request: ParsedRequest,
+        *,
+        on_attempt: Callable[[], None] | None = None,
+        exclude: Iterable[Deployment] = (),
+        with_fallbacks: bool = True,
+    ) -> OpenedStream:
+        """Open a streaming request on the first deployment that answers 2xx."""
+        last_error: errors.SluiceError | None = None
+        for attempt, deployment in enumerate(self._attempt_order(route, exclude, with_fallbacks)):
+            if attempt:
+                self.events.fell_back(deployment)
+            body = request.body_for_model(deployment.upstream_model)
+            try:
+                response = await deployment.client.open_chat_stream(body, on_attempt=on_attempt)
+            except errors.SluiceError as exc:
+                if not fails_over(exc):
+                    raise
+                self._failed(deployment, exc)
+                last_error = exc
+                continue
+            self._succeeded(deployment)
+            return OpenedStream(response, deployment)
+        if last_error is None:
+            raise errors.UpstreamUnavailable("No deployment is left to try for this model.")
+        raise last_error
+
+    async def complete(
+        self, route: ModelRoute, request: ParsedRequest, *, on_attempt: Callable[[], None] | None = None
+    ) -> tuple[httpx2.Response, Deployment]:
+        """A non-streaming completion on the first deployment that answers 2xx."""
+        last_error: errors.SluiceError | None = None
+        for attempt, deployment in enumerate(self._attempt_order(route, (), True)):
+            if attempt:
+                self.events.fell_back(deployment)
+            body = request.body_for_model(deployment.upstream_model)
+            deployment.active += 1
+            try:
+                response = await deployment.client.chat_completion(body, on_attempt=on_attempt)
+            except errors.SluiceError as exc:
+                if not fails_over(exc):
+                    raise
+                self._failed(deployment, exc)
+                last_error = exc
+                continue
+            finally:
+                deployment.active -= 1
+            self._succeeded(deployment)
+            return response, deployment
+        assert last_error is not None
+        raise last_error
+
+
+def _ordered(deployments: list[Deployment], strategy: str) -> list[Deployment]:
+    if len(deployments) < 2:
+        return deployments
+    if strategy == "weighted":
+        # Weighted random order without replacement (Efraimidis-Spirakis keys).
+        return sorted(deployments, key=lambda d: -(random.random() ** (1.0 / d.weight)))
+    # least_busy: fewest active streams per unit of weight; ties broken at random
+    # so equal deployments share the load.
+    return sorted(deployments, key=lambda d: (d.active / d.weight, random.random()))
