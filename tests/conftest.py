@@ -7,7 +7,7 @@ here lives in the test's nursery and is cancelled when the test ends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -45,6 +45,18 @@ async def simulator(nursery: trio.Nursery) -> RunningSimulator:
     sim = Simulator(send_buffer=65536)
     port = await nursery.start(sim.serve, "127.0.0.1", 0)
     return RunningSimulator(sim, f"http://127.0.0.1:{port}/v1")
+
+
+@pytest.fixture
+def start_simulator(nursery: trio.Nursery) -> Callable[[], Awaitable[RunningSimulator]]:
+    """More simulators, for routing tests: each one a separate upstream with its own stats."""
+
+    async def start() -> RunningSimulator:
+        sim = Simulator(send_buffer=65536)
+        port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        return RunningSimulator(sim, f"http://127.0.0.1:{port}/v1")
+
+    return start
 
 
 @pytest.fixture

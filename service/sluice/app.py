@@ -37,6 +37,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import errors
 from .config import Settings
+from .logs import redact
 from .limits import KeyTable, LimitStore, LocalLimitStore, VirtualKey
 from .metrics import GatewayMetrics, StreamStats
 from .policies import BACKPRESSURE_HEADER, choose_backpressure
@@ -145,6 +146,11 @@ def create_app(settings: Settings) -> SluiceApp:
     )
     state = GatewayState(settings)
     app.extensions["sluice"] = state
+    redact(
+        settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None,
+        *(os.environ.get(d.api_key_env or "") for m in settings.models for d in m.deployments),
+        *(key.secret.decode() for key in state.keys.keys),
+    )
 
     @app.before_serving
     async def start_upstream() -> None:
@@ -158,7 +164,6 @@ def create_app(settings: Settings) -> SluiceApp:
         prometheus = state.prometheus
 
         def deployment_failed(deployment: Deployment, error: errors.SluiceError) -> None:
-            prometheus.upstream_errors.labels(error.code or "upstream_error").inc()
             log.warning({"event": "deployment_failed", "deployment": deployment.name, "code": error.code, "status": error.status})
 
         def cooled_down(deployment: Deployment) -> None:
@@ -169,6 +174,7 @@ def create_app(settings: Settings) -> SluiceApp:
             settings,
             base_url or "",
             RouterEvents(
+                attempt_failed=lambda code: prometheus.upstream_errors.labels(code).inc(),
                 deployment_failed=deployment_failed,
                 fell_back=lambda deployment: prometheus.fallbacks.labels(deployment.name).inc(),
                 cooled_down=cooled_down,

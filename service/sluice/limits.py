@@ -32,6 +32,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,7 +120,8 @@ class LimitStore(Protocol):
 class LocalLimitStore:
     """The limits counted in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._streams: Counter[str] = Counter()
         self._requests: dict[str, tuple[int, int]] = {}  # name -> (window, count)
         self._tokens: dict[str, tuple[int, int]] = {}
@@ -133,7 +135,7 @@ class LocalLimitStore:
         self.admit_now(key)
 
     def admit_now(self, key: VirtualKey) -> None:
-        window, retry_after = window_now()
+        window, retry_after = window_now(self._clock())
         if key.max_concurrent_streams is not None and self._streams[key.name] >= key.max_concurrent_streams:
             raise refusal(key, "streams", 1)
         if key.requests_per_minute is not None and self._count(self._requests, key.name, window) >= key.requests_per_minute:
@@ -149,5 +151,5 @@ class LocalLimitStore:
     def release_now(self, key: VirtualKey, tokens: int) -> None:
         self._streams[key.name] -= 1
         if tokens:
-            window, _ = window_now()
+            window, _ = window_now(self._clock())
             self._tokens[key.name] = (window, self._count(self._tokens, key.name, window) + tokens)

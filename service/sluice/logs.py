@@ -2,6 +2,10 @@
 
 A record whose message is a ``dict`` (the per-stream summary) is merged
 into the line as fields; any other message goes under ``"message"``.
+
+Secrets (provider and gateway keys) are registered at start-up with
+:func:`redact`; the formatter replaces any of them that reaches a line,
+whatever logged it (a library's exception message included).
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ import logging
 import sys
 import time
 from typing import Any
+
+
+_secrets: set[str] = set()
+
+
+def redact(*secrets: str | None) -> None:
+    """Never print these strings in a log line (keys shorter than 8 characters are not secrets)."""
+    _secrets.update(secret for secret in secrets if secret and len(secret) >= 8)
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,7 +38,11 @@ class JsonFormatter(logging.Formatter):
             line["message"] = record.getMessage()
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, separators=(",", ":"), default=str)
+        text = json.dumps(line, separators=(",", ":"), default=str)
+        for secret in _secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
 
 
 def configure_logging(level: str) -> None:

@@ -93,7 +93,7 @@ class PrometheusMetrics:
         if outcome == "client_disconnect":
             self.disconnects.inc()
         elif stats.streamed and outcome[len("error:") :] in _MID_STREAM_UPSTREAM_FAILURES:
-            # Failures before the stream opened are counted per attempt by the router.
+            # Failures before the stream opened are counted per attempt by the upstream client.
             self.upstream_errors.labels(outcome[len("error:") :]).inc()
         if stats.dropped:
             self.dropped.inc(stats.dropped)

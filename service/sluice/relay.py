@@ -162,6 +162,11 @@ class StreamRelay(ResponseBody):
             raise
 
     @property
+    def queue_depth(self) -> int:
+        """Batches waiting in the channel for the client right now."""
+        return self._receive.statistics().current_buffer_used if self._receive is not None else 0
+
+    @property
     def first_deployment(self) -> str:
         """The deployment the stream opened on (a hedge that wins is in the figures)."""
         opened = self._producers[0].opened if self._producers else None

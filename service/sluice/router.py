@@ -111,6 +111,9 @@ class OpenedStream:
 class RouterEvents:
     """What the router reports (wired to the Prometheus metrics by the app)."""
 
+    #: every failed upstream attempt, retried or not, by code (``http_503``, ``upstream_unavailable``...)
+    attempt_failed: Callable[[str], None] = lambda code: None
+    #: a deployment gave up on a request (after its retries) and the router moves on
     deployment_failed: Callable[[Deployment, errors.SluiceError], None] = lambda deployment, error: None
     fell_back: Callable[[Deployment], None] = lambda deployment: None
     cooled_down: Callable[[Deployment], None] = lambda deployment: None
@@ -151,6 +154,7 @@ class Router:
                 max_connections=self._settings.max_streams,
                 connect_timeout=self._settings.connect_timeout,
                 retry_policy=self._settings.retry_policy,
+                on_failure=self.events.attempt_failed,
             )
             self._clients[cache_key] = client
         return client

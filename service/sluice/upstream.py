@@ -20,12 +20,13 @@ Invariants:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import trio
 
-from .errors import UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
+from .errors import SluiceError, UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
 from .policies import RETRIABLE_STATUSES, RetriableUpstreamError, RetryPolicy, parse_retry_after
 
 #: error bodies larger than this are cut; an error message is never megabytes
@@ -43,7 +44,10 @@ class UpstreamClient:
         max_connections: int,
         connect_timeout: float,
         retry_policy: RetryPolicy,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        #: told the code of every failed attempt, retried or not (``http_503``, ``upstream_unavailable``...)
+        self.on_failure = on_failure
         headers = {"accept-encoding": "identity"}  # we relay bytes; never pay to decompress
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -82,7 +86,12 @@ class UpstreamClient:
                 with attempt:
                     if on_attempt is not None:
                         on_attempt()
-                    return await attempt_once(arg)
+                    try:
+                        return await attempt_once(arg)
+                    except (RetriableUpstreamError, SluiceError) as exc:
+                        if self.on_failure is not None:
+                            self.on_failure(failure_code(exc))
+                        raise
         except RetriableUpstreamError as exc:
             raise exc.cause from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
@@ -132,6 +141,15 @@ async def _send(client: httpx2.AsyncClient, request: httpx2.Request, *, stream: 
         raise UpstreamUnavailable(f"Upstream request failed ({type(exc).__name__}).") from None
 
 
+def failure_code(exc: BaseException) -> str:
+    """A short label for a failed attempt: ``http_<upstream status>`` or the error's code."""
+    cause = exc.cause if isinstance(exc, RetriableUpstreamError) else exc
+    upstream_status = getattr(cause, "upstream_status", None)
+    if upstream_status is not None:
+        return f"http_{upstream_status}"
+    return getattr(cause, "code", None) or type(cause).__name__
+
+
 def _small(response: httpx2.Response) -> bool:
     length = response.headers.get("content-length")
     return length is None or (length.isdigit() and int(length) <= _MAX_ERROR_BODY)
@@ -165,6 +183,7 @@ def _status_failure(response: httpx2.Response) -> Exception:
             f"{message}: {said}" if said else f"{message}.",
             headers=headers,
         )
+    error.upstream_status = status  # type: ignore[attr-defined]  # for metrics: what the provider said
     if status in RETRIABLE_STATUSES:
         return RetriableUpstreamError(error, retry_after=retry_after)
     return error

@@ -1,0 +1,97 @@
+"""/metrics in Prometheus format, request ids and one JSON log line per request (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx2
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sluice.logs import JsonFormatter
+
+from .rawclient import RawStream
+from .support import Gateway, chat_body, stream_chat, wait_until
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_metrics_count_requests_tokens_latency_disconnects_and_drops(gateway: Gateway) -> None:
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        for _ in range(3):
+            _, sse = await stream_chat(http, chat_body("sim:tokens=7"))
+            assert sse.ended_with_done
+        assert (await http.post("/v1/chat/completions", json={"model": "x"})).status_code == 400
+        _, retried = await stream_chat(http, chat_body("sim:fault=status,status_code=503,fail_times=1,fault_key=m1,tokens=2"))
+        assert retried.ended_with_done
+        # A client that stops reading: the channel fills to its capacity, then it leaves.
+        raw = await RawStream.open(gateway.url, chat_body("sim:tokens=100000"), rcvbuf=4096)
+        await raw.read_head()
+        capacity = gateway.settings.buffer_size
+        await wait_until(lambda: any(relay.queue_depth == capacity for relay in gateway.state.relays))
+        await raw.close_rst()
+        await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+        _, dropped = await stream_chat(
+            http, chat_body("sim:tokens=3"), headers={"x-sluice-backpressure": "drop_newest"}
+        )
+        response = await http.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    got = samples(response.text)
+    assert got[("sluice_requests_total", (("model", "sim:tokens=7"), ("status", "200")))] == 3
+    # refused before its model was known (the body failed validation): model "-"
+    assert got[("sluice_requests_total", (("model", "-"), ("status", "400")))] == 1
+    assert got[("sluice_tokens_total", (("model", "sim:tokens=7"),))] == 21
+    assert got[("sluice_streams_active", ())] == 0
+    assert got[("sluice_time_to_first_token_seconds_count", ())] >= 5
+    assert got[("sluice_stream_duration_seconds_count", ())] == 6
+    assert got[("sluice_upstream_retries_total", ())] == 1
+    assert got[("sluice_upstream_errors_total", (("code", "http_503"),))] == 1
+    assert got[("sluice_client_disconnects_total", ())] == 1
+    assert got[("sluice_backpressure_dropped_total", ())] == 0  # a fast reader: nothing dropped
+    assert got[("sluice_channel_peak_depth", ())] == gateway.settings.buffer_size
+    for name in ("sluice_hedges", "sluice_fallbacks", "sluice_rate_limited", "sluice_deployment_cooldowns"):
+        assert f"# TYPE {name}_total counter" in response.text  # declared, even at zero
+
+
+async def test_every_response_carries_a_request_id_and_the_client_s_is_kept(gateway: Gateway) -> None:
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        mine = await http.post("/v1/chat/completions", json=chat_body(stream=False), headers={"x-request-id": "req-42"})
+        error = await http.post("/v1/chat/completions", content=b"{", headers={"x-request-id": "req-43"})
+        fresh = await http.get("/v1/models")
+        stream, _ = await stream_chat(http, chat_body(), headers={"x-request-id": "req-44"})
+        missing = await http.get("/nope")
+    assert mine.headers["x-request-id"] == "req-42"
+    assert error.headers["x-request-id"] == "req-43" and error.status_code == 400
+    assert stream.headers["x-request-id"] == "req-44"
+    assert len(fresh.headers["x-request-id"]) == 32 and len(missing.headers["x-request-id"]) == 32
+
+
+async def test_one_json_log_line_per_request_with_its_id(gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        await stream_chat(http, chat_body("sim:tokens=4"), headers={"x-request-id": "s-1"})
+        await http.post("/v1/chat/completions", json=chat_body(stream=False), headers={"x-request-id": "c-1"})
+        await http.post("/v1/chat/completions", json={"model": "m"}, headers={"x-request-id": "e-1"})
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name in ("sluice.stream", "sluice.request")]
+    by_id = {line["request_id"]: line for line in lines}
+    assert sorted(by_id) == ["c-1", "e-1", "s-1"] and len(lines) == 3
+    assert by_id["s-1"]["event"] == "stream" and by_id["s-1"]["tokens"] == 4 and by_id["s-1"]["outcome"] == "done"
+    assert by_id["c-1"]["event"] == "completion" and by_id["c-1"]["status"] == 200
+    assert by_id["e-1"]["event"] == "request" and by_id["e-1"]["status"] == 400
+
+
+def test_registered_secrets_never_reach_a_log_line() -> None:
+    from sluice.logs import redact
+
+    redact("sk-super-secret-provider-key", "short")
+    record = logging.LogRecord("sluice", logging.WARNING, __file__, 1, "upstream said: bad key sk-super-secret-provider-key", None, None)
+    line = JsonFormatter().format(record)
+    assert "sk-super-secret-provider-key" not in line and "[redacted]" in line
