@@ -43,6 +43,7 @@ from .metrics import GatewayMetrics, StreamStats
 from .policies import BACKPRESSURE_HEADER, choose_backpressure
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import PrometheusMetrics
+from .redis_state import RedisLimitStore
 from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
 from .simulator import Simulator
@@ -110,11 +111,12 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
             if relay is not None:
                 await relay.release()
                 state.relays.discard(relay)
-            admitted: VirtualKey | None = self.scope.get(_ADMITTED_SCOPE_KEY)  # type: ignore[assignment]
+            admitted: tuple[VirtualKey, Any] | None = self.scope.get(_ADMITTED_SCOPE_KEY)  # type: ignore[assignment]
             if admitted is not None:
+                key, lease = admitted
                 stats: StreamStats | None = self.scope.get(_STATS_SCOPE_KEY)  # type: ignore[assignment]
                 with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                    await state.limits.release(admitted, stats.token_count if stats is not None else 0)
+                    await state.limits.release(key, lease, stats.token_count if stats is not None else 0)
 
 
 class SluiceApp(QuartTrio):
@@ -161,6 +163,10 @@ def create_app(settings: Settings) -> SluiceApp:
             base_url = f"http://127.0.0.1:{port}/v1"
             log.info("no upstream configured: serving from the embedded simulator at %s", base_url)
         state.upstream_base_url = base_url
+        if settings.redis_url:
+            store = RedisLimitStore(settings.redis_url)
+            await app.nursery.start(store.run)
+            state.limits = store
         prometheus = state.prometheus
 
         def deployment_failed(deployment: Deployment, error: errors.SluiceError) -> None:
@@ -293,11 +299,11 @@ def create_app(settings: Settings) -> SluiceApp:
         key: VirtualKey | None = g.key
         if key is not None and key.limited:
             try:
-                await state.limits.admit(key)
+                lease = await state.limits.admit(key)
             except errors.RateLimited as refused:
                 state.prometheus.rate_limited.labels(getattr(refused, "limit", "requests")).inc()
                 raise
-            request.scope[_ADMITTED_SCOPE_KEY] = key
+            request.scope[_ADMITTED_SCOPE_KEY] = (key, lease)
         stats = StreamStats(request_id=g.request_id, model=parsed.model.model, policy=policy.value, stream=parsed.stream)
         request.scope[_STATS_SCOPE_KEY] = stats
 
@@ -355,7 +361,9 @@ def create_app(settings: Settings) -> SluiceApp:
     @app.get("/health")
     async def health() -> Response:
         status = "draining" if state.draining else "ok"
-        body = {"status": status, "active_streams": state.metrics.active_streams, "process": process_figures()}
+        body: dict[str, Any] = {"status": status, "active_streams": state.metrics.active_streams}
+        body["redis"] = state.limits.status if isinstance(state.limits, RedisLimitStore) else "off"
+        body["process"] = process_figures()
         return Response(json.dumps(body), status=503 if state.draining else 200, content_type="application/json")
 
     @app.get("/metrics/backpressure")

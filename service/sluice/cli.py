@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-keys", help="comma-separated gateway keys clients must send as Bearer tokens [SLUICE_API_KEYS; default: open]")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS [SLUICE_CORS_ORIGINS; default: CORS off]")
     serve.add_argument("--client-sndbuf", type=int, help="SO_SNDBUF of client connections, bytes [SLUICE_CLIENT_SNDBUF; default: kernel autotuning]")
+    serve.add_argument("--redis-url", help="Redis shared by workers and instances for key limits and cooldowns, e.g. redis://127.0.0.1:6379/0 [SLUICE_REDIS_URL; default: in-process]")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR [SLUICE_LOG_LEVEL, default INFO]")
 
     simulate = commands.add_parser(

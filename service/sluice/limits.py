@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import Settings, VirtualKeyConfig
 from .errors import RateLimited
@@ -110,11 +110,11 @@ def refusal(key: VirtualKey, limit: str, retry_after: int) -> RateLimited:
 
 
 class LimitStore(Protocol):
-    async def admit(self, key: VirtualKey) -> None:
-        """Count a request and a stream for ``key``, or raise :class:`RateLimited`."""
+    async def admit(self, key: VirtualKey) -> Any:
+        """Count a request and a stream for ``key`` and return its lease, or raise :class:`RateLimited`."""
 
-    async def release(self, key: VirtualKey, tokens: int) -> None:
-        """Return the stream ``admit`` counted, and count the tokens it used."""
+    async def release(self, key: VirtualKey, lease: Any, tokens: int) -> None:
+        """Return the stream ``admit`` counted (by its lease), and count the tokens it used."""
 
 
 class LocalLimitStore:
@@ -131,8 +131,9 @@ class LocalLimitStore:
         held = table.get(name)
         return held[1] if held is not None and held[0] == window else 0
 
-    async def admit(self, key: VirtualKey) -> None:
+    async def admit(self, key: VirtualKey) -> Any:
         self.admit_now(key)
+        return None
 
     def admit_now(self, key: VirtualKey) -> None:
         window, retry_after = window_now(self._clock())
@@ -145,7 +146,7 @@ class LocalLimitStore:
         self._requests[key.name] = (window, self._count(self._requests, key.name, window) + 1)
         self._streams[key.name] += 1
 
-    async def release(self, key: VirtualKey, tokens: int) -> None:
+    async def release(self, key: VirtualKey, lease: Any, tokens: int) -> None:
         self.release_now(key, tokens)
 
     def release_now(self, key: VirtualKey, tokens: int) -> None:
