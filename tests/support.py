@@ -37,6 +37,7 @@ class RunningSimulator:
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
+SimulatorFactory = Callable[[], Awaitable[RunningSimulator]]
 
 
 
@@ -107,3 +108,33 @@ async def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) ->
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.005)
+
+
+# --- chaos and fuzz helpers (appended) -------------------------------------------------
+
+
+async def health_figures(url: str) -> dict[str, int]:
+    """The gateway's own process figures (open fds, trio tasks, RSS) from ``GET /health``.
+
+    A fresh connection each time, closed again, so no keep-alive connection of
+    the caller's is left counted in the next reading.
+    """
+    async with httpx2.AsyncClient(base_url=url, timeout=30) as http:
+        response = await http.get("/health")
+    figures: dict[str, int] = response.json()["process"]
+    return figures
+
+
+async def wait_until_async(predicate: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Like :func:`wait_until`, for a condition that must be awaited (an HTTP call)."""
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(interval)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) by nearest rank; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -20,10 +20,10 @@ import pytest
 import trio
 
 from deploy.fleet import ensure_binary, free_port
-from sluice.config import VirtualKeyConfig
+from sluice.config import DeploymentConfig, ModelConfig, VirtualKeyConfig
 
 from .rawclient import RawStream
-from .support import GatewayFactory, RunningSimulator, chat_body, stream_chat, wait_until
+from .support import GatewayFactory, RunningSimulator, SimulatorFactory, chat_body, stream_chat, wait_until
 
 KEY = "sk-shared-team-key"
 
@@ -145,3 +145,31 @@ async def test_a_requests_per_minute_limit_holds_across_two_gateway_processes(
             process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait(timeout=30)
+
+
+async def test_a_cooldown_decided_by_one_gateway_rests_the_deployment_for_the_other(
+    start_gateway: GatewayFactory, start_simulator: SimulatorFactory, redis_url: str
+) -> None:
+    failing, healthy = await start_simulator(), await start_simulator()
+    models = [
+        ModelConfig(
+            name="m",
+            strategy="weighted",  # the failing deployment first
+            deployments=[
+                DeploymentConfig(base_url=failing.base_url, model="sim:fault=status,status_code=503", weight=1e6, name="failing"),
+                DeploymentConfig(base_url=healthy.base_url, model="sim:tokens=2", weight=1e-6, name="healthy"),
+            ],
+        )
+    ]
+    settings = dict(redis_url=redis_url, models=models, retry_max_attempts=1, cooldown_failures=1, cooldown_seconds=600)
+    first = await start_gateway(**settings)
+    second = await start_gateway(**settings)
+    async with httpx2.AsyncClient() as http:
+        assert (await http.post(first.url + "/v1/chat/completions", json=chat_body("m", stream=False))).status_code == 200
+        assert failing.stats.requests_started == 1  # failed once on the first gateway: cooldown
+        assert second.state.router is not None
+        [resting] = [d for d in second.state.router.deployments if d.name == "failing"]
+        await wait_until(lambda: resting.cooling(trio.current_time()))  # adopted from Redis
+        for _ in range(5):
+            assert (await http.post(second.url + "/v1/chat/completions", json=chat_body("m", stream=False))).status_code == 200
+    assert failing.stats.requests_started == 1  # the second gateway never tried it

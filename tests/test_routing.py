@@ -6,7 +6,6 @@ upstream's side, which requests the gateway sent where and which it closed.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -16,10 +15,7 @@ from sluice.config import DeploymentConfig, ModelConfig
 from sluice.router import ModelRoute
 
 from .rawclient import RawStream
-from .support import GatewayFactory, RunningSimulator, chat_body, stream_chat, wait_until
-
-SimulatorFactory = Callable[[], Awaitable[RunningSimulator]]
-
+from .support import GatewayFactory, RunningSimulator, SimulatorFactory, chat_body, stream_chat, wait_until
 
 def deployment(sim: RunningSimulator, model: str = "sim:tokens=5", **extra: Any) -> DeploymentConfig:
     return DeploymentConfig(base_url=sim.base_url, model=model, **extra)

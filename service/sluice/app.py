@@ -43,7 +43,7 @@ from .metrics import GatewayMetrics, StreamStats
 from .policies import BACKPRESSURE_HEADER, choose_backpressure
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import PrometheusMetrics
-from .redis_state import RedisLimitStore
+from .redis_state import RedisCooldowns, RedisLimitStore
 from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
 from .simulator import Simulator
@@ -163,11 +163,13 @@ def create_app(settings: Settings) -> SluiceApp:
             base_url = f"http://127.0.0.1:{port}/v1"
             log.info("no upstream configured: serving from the embedded simulator at %s", base_url)
         state.upstream_base_url = base_url
+        store: RedisLimitStore | None = None
         if settings.redis_url:
             store = RedisLimitStore(settings.redis_url)
             await app.nursery.start(store.run)
             state.limits = store
         prometheus = state.prometheus
+        shared_cooldowns: RedisCooldowns | None = None
 
         def deployment_failed(deployment: Deployment, error: errors.SluiceError) -> None:
             log.warning({"event": "deployment_failed", "deployment": deployment.name, "code": error.code, "status": error.status})
@@ -175,6 +177,8 @@ def create_app(settings: Settings) -> SluiceApp:
         def cooled_down(deployment: Deployment) -> None:
             prometheus.cooldowns.labels(deployment.name).inc()
             log.warning({"event": "deployment_cooldown", "deployment": deployment.name, "seconds": settings.cooldown_seconds})
+            if shared_cooldowns is not None:
+                app.nursery.start_soon(shared_cooldowns.publish, deployment)
 
         state.router = Router(
             settings,
@@ -186,6 +190,9 @@ def create_app(settings: Settings) -> SluiceApp:
                 cooled_down=cooled_down,
             ),
         )
+        if store is not None:
+            shared_cooldowns = RedisCooldowns(store.client, state.router.deployments)
+            app.nursery.start_soon(shared_cooldowns.run)
 
     @app.after_serving
     async def stop_upstream() -> None:

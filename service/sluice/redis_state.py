@@ -1,5 +1,8 @@
 """State shared through Redis: key limits and deployment cooldowns, across workers and instances.
 
+:class:`RedisLimitStore` counts key limits; :class:`RedisCooldowns` shares
+which deployments are resting.
+
 I/O through coredis (anyio-based, so it runs under trio; redis-py's async
 client is asyncio-only). A round trip costs about 0.4-0.8 ms here, so Redis
 stays off the per-token path: one script call when a request is admitted,
@@ -31,6 +34,7 @@ import coredis
 import trio
 
 from .limits import WINDOW_SECONDS, LocalLimitStore, VirtualKey, refusal, window_now
+from .router import Deployment
 
 log = logging.getLogger("sluice.redis")
 
@@ -180,3 +184,55 @@ def _without_password(url: str) -> str:
     if "@" in rest:
         rest = "***@" + rest.split("@", 1)[1]
     return scheme + sep + rest
+
+
+class RedisCooldowns:
+    """Deployment cooldowns shared through Redis: one worker's verdict rests a deployment for all.
+
+    A worker that puts a deployment in cooldown writes
+    ``sluice:cooldown:{name}`` (value: the end, epoch ms; expires with it).
+    Every worker reads all its deployments' keys once per ``interval`` and
+    adopts any later end it finds, so selection itself never waits on Redis.
+    """
+
+    def __init__(self, client: Any, deployments: list[Deployment], *, interval: float = 1.0, timeout: float = 0.25) -> None:
+        self._client = client
+        self._deployments = {deployment.name: deployment for deployment in deployments}
+        self._interval = interval
+        self._timeout = timeout
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return f"sluice:cooldown:{{{name}}}"
+
+    async def publish(self, deployment: Deployment) -> None:
+        remaining = deployment.cooldown_until - trio.current_time()
+        if remaining <= 0:
+            return
+        until_ms = int((time.time() + remaining) * 1000)
+        try:
+            with trio.fail_after(self._timeout):
+                await self._client.set(self._key(deployment.name), str(until_ms), px=max(1, int(remaining * 1000)))
+        except Exception as exc:
+            log.warning({"event": "redis_cooldown_publish_failed", "deployment": deployment.name, "error": type(exc).__name__})
+
+    async def run(self) -> None:
+        """Adopt cooldowns other workers published, every ``interval`` seconds, until cancelled."""
+        names = list(self._deployments)
+        if not names:
+            return
+        while True:
+            try:
+                with trio.fail_after(self._timeout):
+                    values = await self._client.mget([self._key(name) for name in names])
+            except Exception:
+                values = []  # Redis is down: local cooldowns still apply
+            now_wall, now_trio = time.time(), trio.current_time()
+            for name, value in zip(names, values):
+                if value is None:
+                    continue
+                until = now_trio + (int(value) / 1000.0 - now_wall)
+                deployment = self._deployments[name]
+                if until > deployment.cooldown_until:
+                    deployment.cooldown_until = until
+            await trio.sleep(self._interval)

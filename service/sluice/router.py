@@ -143,6 +143,11 @@ class Router:
             client = self._client(default_base_url, key)
             self.passthrough = ModelRoute("*", [Deployment("default", client, None)])
 
+    @property
+    def deployments(self) -> list[Deployment]:
+        routes = list(self.routes.values()) + ([self.passthrough] if self.passthrough else [])
+        return [deployment for route in routes for deployment in route.deployments]
+
     def _client(self, base_url: str, api_key: str | None) -> UpstreamClient:
         # Deployments on the same endpoint with the same key share one pool.
         cache_key = (base_url, api_key)
