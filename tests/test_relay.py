@@ -80,7 +80,7 @@ async def test_health_reports_active_streams(gateway: Gateway, client: httpx2.As
     await raw.read_until(b"data: {")
     health = (await client.get("/health")).json()
     assert health["status"] == "ok" and health["active_streams"] == 1
-    assert set(health["process"]) == {"fds", "tasks", "rss_bytes"} and health["process"]["tasks"] > 1
+    assert set(health["process"]) == {"pid", "fds", "tasks", "rss_bytes"} and health["process"]["tasks"] > 1
     await raw.close_fin()
     await wait_until(lambda: gateway.state.metrics.active_streams == 0)
 

@@ -384,7 +384,7 @@ def create_app(settings: Settings) -> SluiceApp:
 
 
 def process_figures() -> dict[str, int]:
-    """Open fds, live trio tasks and RSS: what a leak would grow (chaos tests and the soak read them)."""
+    """This worker's pid, open fds, live trio tasks and RSS: what a leak would grow (chaos tests read them)."""
     tasks = 0
     pending = [trio.lowlevel.current_root_task()]
     while pending:
@@ -394,7 +394,12 @@ def process_figures() -> dict[str, int]:
             pending.extend(child_nursery.child_tasks)
     with open("/proc/self/statm") as statm:
         rss_pages = int(statm.read().split()[1])
-    return {"fds": len(os.listdir("/proc/self/fd")), "tasks": tasks, "rss_bytes": rss_pages * os.sysconf("SC_PAGE_SIZE")}
+    return {
+        "pid": os.getpid(),
+        "fds": len(os.listdir("/proc/self/fd")),
+        "tasks": tasks,
+        "rss_bytes": rss_pages * os.sysconf("SC_PAGE_SIZE"),
+    }
 
 
 async def _complete(

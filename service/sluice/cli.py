@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on [SLUICE_HOST, default 127.0.0.1]")
     serve.add_argument("--port", type=int, help="port to listen on [SLUICE_PORT, default 8000]")
+    serve.add_argument("--workers", type=int, help="worker processes on the one port, one core each [SLUICE_WORKERS, default 1]")
     serve.add_argument(
         "--upstream-base-url",
         help="OpenAI-compatible base URL including /v1, e.g. https://api.openai.com/v1 "

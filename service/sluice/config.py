@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     # --- listening -------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    #: hypercorn trio worker processes on the one port (one core each)
+    workers: int = Field(default=1, ge=1, le=64)
 
     # --- upstream ----------------------------------------------------------------
     #: OpenAI-style base URL including ``/v1``; ``None`` starts the embedded simulator.

@@ -27,10 +27,14 @@ from .app import create_app
 from .config import Settings
 
 
-def listening_socket(settings: Settings) -> socket.socket:
+def listening_socket(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        # Several workers, one port: each worker listens on a socket of its own
+        # and the kernel spreads new connections across them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if settings.stall_timeout > 0:
         # Inherited by every accepted connection. Hypercorn's writes to the
@@ -62,7 +66,7 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
     return config
 
 
-async def serve_until_signalled(settings: Settings) -> None:
+async def serve_until_signalled(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve; on SIGTERM/SIGINT stop accepting, drain, end what is left visibly, return.
 
     Hypercorn stops accepting as soon as the shutdown trigger returns and then
@@ -73,7 +77,7 @@ async def serve_until_signalled(settings: Settings) -> None:
     """
     app = create_app(settings)
     state = app.extensions["sluice"]
-    config = hypercorn_config(settings, listening_socket(settings))
+    config = hypercorn_config(settings, listening_socket(settings, reuse_port=reuse_port))
     config.graceful_timeout = settings.drain_timeout + 5.0
     signalled = trio.Event()
 
@@ -98,4 +102,18 @@ async def serve_until_signalled(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> None:
-    trio.run(serve_until_signalled, settings)
+    if settings.workers > 1:
+        from .workers import supervise
+
+        supervise(settings)
+    else:
+        trio.run(serve_until_signalled, settings)
+
+
+def run_worker(settings: Settings) -> None:
+    """One of ``--workers N`` processes (started by :mod:`sluice.workers`)."""
+    from .logs import configure_logging
+
+    configure_logging(settings.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into one SIGTERM per worker
+    trio.run(lambda: serve_until_signalled(settings, reuse_port=True))
