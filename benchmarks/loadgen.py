@@ -64,11 +64,12 @@ class Stream:
         self.content_length = -1
 
 
-def build_request(url: str, body: dict[str, Any]) -> bytes:
+def build_request(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
     parts = urlsplit(url)
     payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     return (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {parts.hostname}:{parts.port}\r\n"
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {parts.hostname}:{parts.port}\r\n{extra}"
         f"content-type: application/json\r\ncontent-length: {len(payload)}\r\nconnection: close\r\n\r\n"
     ).encode() + payload
 
@@ -104,7 +105,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         body = {"model": model.replace("{i}", str(index)), "stream": streaming,
                 "messages": [{"role": "user", "content": f"benchmark {index}"}]}
-        stream = Stream(index, sock, build_request(spec["url"], body))
+        stream = Stream(index, sock, build_request(spec["url"], body, spec.get("headers")))
         try:
             sock.connect(address)
         except BlockingIOError:

@@ -23,7 +23,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(cmd: list[str], core: int, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(cmd: list[str], core: int | str, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a process pinned to one core; its output goes to a log file, not a pipe that could fill."""
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(results, exist_ok=True)
@@ -61,23 +61,51 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
-def leaf_pid(process: subprocess.Popen[bytes]) -> int:
-    """The PID doing the work: taskset execs the command, so it is the same PID."""
-    return process.pid
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (``--workers N`` runs the gateway as child processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        pending.extend(children.get(current, []))
+    return found
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """CPU time of the process and its descendants (live ones, plus what reaped ones left)."""
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
+    """Resident memory (or its peak, ``VmHWM``) summed over the process and its descendants."""
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as status:
+                for line in status:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1]) / 1024.0
+                        break
+        except OSError:
+            continue
+    return total
 
 
 def http_json(url: str, method: str = "GET") -> Any:

@@ -81,6 +81,18 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     m = get("memory", "sluice", "500")
     if m:
         check("memory: <= 100 MB RSS with 500 open streams", m["rss_open_mb"], m["rss_open_mb"] is not None and m["rss_open_mb"] <= 100)
+    plain, featured = get("features", "sluice"), get("features", "sluice-features")
+    if plain and featured and plain["cpu_per_token_us"] and featured["cpu_per_token_us"]:
+        ratio = featured["cpu_per_token_us"] / plain["cpu_per_token_us"]
+        check("features: CPU/token within 10% of the plain relay", f"{ratio:.2f}x", ratio <= 1.10)
+    plain, featured = get("features-requests", "sluice"), get("features-requests", "sluice-features")
+    if plain and featured and plain["cpu_per_request_ms"] and featured["cpu_per_request_ms"]:
+        ratio = featured["cpu_per_request_ms"] / plain["cpu_per_request_ms"]
+        check("features: CPU/request (reported, no target)", f"{ratio:.2f}x", None)
+    one, two = get("workers-throughput", "sluice"), get("workers-throughput", "sluice-2w")
+    if one and two and one["tokens_per_s"] and two["tokens_per_s"]:
+        ratio = two["tokens_per_s"] / one["tokens_per_s"]
+        check("workers: 2 workers' tokens/s >= 1.7x one", f"{ratio:.2f}x ({two['tokens_per_s']:.0f} vs {one['tokens_per_s']:.0f})", ratio >= 1.7)
     c = get("cancel", "sluice")
     if c:
         check("cancel: 100% upstreams closed", c.get("upstream_closed_pct"), c.get("upstream_closed_pct") == 100.0)

@@ -15,9 +15,9 @@ import time
 
 from . import report
 from .scenarios import build, correctness_problems, run_scenario
-from .targets import GATEWAYS, ensure_nginx, upstream
+from .targets import EXTRA_GATEWAYS, GATEWAYS, ensure_nginx, upstream
 
-SMOKE_SCENARIOS = ["sustained", "requests", "overload", "cancel"]
+SMOKE_SCENARIOS = ["sustained", "requests", "overload", "cancel", "features"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="small, correctness-only run for CI")
     parser.add_argument("--quick", action="store_true", help="fewer capacity steps")
     parser.add_argument("--scenarios", help="comma-separated subset (default: all; smoke: " + ",".join(SMOKE_SCENARIOS) + ")")
-    parser.add_argument("--gateways", default=",".join(GATEWAYS), help="comma-separated subset of " + ",".join(GATEWAYS))
+    parser.add_argument("--gateways", default=",".join(GATEWAYS), help="comma-separated subset of " + ",".join(GATEWAYS + EXTRA_GATEWAYS))
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx when missing")
     args = parser.parse_args(argv)
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with upstream() as upstream_port:
         for name in chosen:
-            for gateway in gateways:
+            for gateway in scenarios[name].gateways or gateways:
                 print(f"-- {name} on {gateway}", file=sys.stderr, flush=True)
                 rows.extend(run_scenario(scenarios[name], gateway, upstream_port))
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),

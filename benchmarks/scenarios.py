@@ -28,6 +28,8 @@ class Scenario:
     tokens_per_stream: int | None  # None: not checked
     kind: str = "stream"  # stream | requests | cancel | memory | slow
     timeout: float = 120.0
+    #: run on exactly these gateways (a comparison of Sluice variants), whatever --gateways says
+    gateways: tuple[str, ...] | None = None
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -75,6 +77,25 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
             None,
             kind="memory",
         ),
+        # Sluice against itself: what issue 6's features cost, and what a second worker buys.
+        "features": Scenario(
+            "features", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens,
+            gateways=("sluice", "sluice-features"),
+        ),
+        "features-requests": Scenario(
+            "features-requests",
+            [("stream", {"streams": 32, "model": "sim:tokens=1", "repeat_s": 1.0 if smoke else 5.0})],
+            1, kind="requests", gateways=("sluice", "sluice-features"),
+        ),
+        "workers-throughput": Scenario(
+            "workers-throughput", [("64x512", {"streams": 64, "model": "sim:tokens=512"})], 512,
+            gateways=("sluice", "sluice-2w"),
+        ),
+        "workers-streams": Scenario(
+            "workers-streams",
+            [(str(n), {"streams": n, "model": sustained_model(), "ramp_s": 1.0}) for n in ([100] if smoke else [100, 200, 300])],
+            50, gateways=("sluice", "sluice-2w"),
+        ),
         "slow-readers": Scenario(
             "slow-readers",
             [("100x2KB/s", {"streams": 100, "model": "sim:tokens=3000,itl_ms=2", "read_bps": 2048, "rcvbuf": 4096, "timeout_s": 8.0})],
@@ -96,6 +117,8 @@ def _measure(scenario: Scenario, variant: str, spec: dict[str, Any], system: Tar
     sim = f"http://127.0.0.1:{upstream_port}"
     http_json(sim + "/sim/reset", "POST")
     spec["url"] = system.url
+    if system.headers:
+        spec["headers"] = system.headers
     cpu_before = cpu_seconds(system.pid) if system.pid else 0.0
     rss_open = None
     if scenario.kind == "memory" and spec["streams"] == 0:
@@ -180,11 +203,11 @@ def correctness_problems(row: dict[str, Any]) -> list[str]:
     """What the smoke run fails on: lost tokens, failed streams, leaked upstream requests."""
     problems = []
     where = f"{row['scenario']}/{row['variant']} on {row['gateway']}"
-    if row["scenario"] in ("sustained", "ttft", "throughput", "overload", "requests") and row["failed"]:
+    if row["scenario"] in ("sustained", "ttft", "throughput", "overload", "requests", "features", "features-requests") and row["failed"]:
         problems.append(f"{where}: {row['failed']} failed streams ({row['errors']})")
-    if row["tokens_expected"] is not None and row["tokens"] != row["tokens_expected"] and row["scenario"] != "capacity":
+    if row["tokens_expected"] is not None and row["tokens"] != row["tokens_expected"] and row["scenario"] not in ("capacity", "workers-streams"):
         problems.append(f"{where}: {row['tokens']} tokens delivered, {row['tokens_expected']} sent")
-    if row["scenario"] == "requests" and row["completed"] != row["streams"]:
+    if row["scenario"] in ("requests", "features-requests") and row["completed"] != row["streams"]:
         problems.append(f"{where}: {row['streams'] - row['completed']} requests incomplete")
     if row["scenario"] == "cancel" and row.get("upstream_closed_pct") != 100.0:
         problems.append(f"{where}: only {row.get('upstream_closed')}/{row.get('aborted')} upstream requests closed after client aborts")

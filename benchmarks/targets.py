@@ -4,6 +4,13 @@
 * ``trio-floor``: benchmarks/floor.py, the cost of trio for Sluice's shape.
 * ``nginx``: a pass-through proxy (``proxy_buffering off``), one worker.
 * ``sluice``: ``sluice serve`` pointed at the same upstream.
+* ``sluice-features``: the same with what issue 6 adds switched on: a
+  config file routing every model over two deployments (least busy), a
+  hedge armed on every stream (it never fires: tokens come in time, so the
+  race's bookkeeping is what is measured), a virtual key with limits on
+  every request, and Prometheus metrics (always on).
+* ``sluice-2w``: ``sluice serve --workers 2`` (both cores: the gateway is
+  then not alone on its core, so compare its throughput, not its CPU).
 """
 
 from __future__ import annotations
@@ -14,13 +21,36 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .procs import GATEWAY_CORE, LOAD_CORE, free_port, start, stop, wait_port
+from .procs import GATEWAY_CORE, LOAD_CORE, free_port, http_json, start, stop, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GATEWAYS = ("direct", "trio-floor", "nginx", "sluice")
+#: measured only when asked for (--gateways), or by the scenarios that compare them
+EXTRA_GATEWAYS = ("sluice-features", "sluice-2w")
+BENCH_KEY = "sk-bench-virtual-key"
+
+FEATURES_CONFIG = """
+[[models]]
+name = "*"
+hedge_after_ms = 10000
+  [[models.deployments]]
+  name = "a"
+  base_url = "http://127.0.0.1:{upstream}/v1"
+  [[models.deployments]]
+  name = "b"
+  base_url = "http://127.0.0.1:{upstream}/v1"
+
+[[keys]]
+name = "bench"
+key_env = "SLUICE_BENCH_KEY"
+requests_per_minute = 100000000
+tokens_per_minute = 1000000000
+max_concurrent_streams = 100000
+"""
 
 NGINX_CONF = """
 daemon off;
@@ -56,6 +86,7 @@ class Target:
     name: str
     url: str
     pid: int | None  # None for direct: nothing between client and upstream
+    headers: dict[str, str] | None = None  # sent with every request
 
 
 def nginx_binary() -> str | None:
@@ -104,6 +135,21 @@ def target(name: str, upstream_port: int, sluice_args: list[str] | None = None) 
             "--upstream-base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-streams", "8192",
             "--log-level", "WARNING", *(sluice_args or []),
         ]
+    elif name == "sluice-features":
+        workdir = tempfile.mkdtemp(prefix="sluice-features-")
+        config = os.path.join(workdir, "sluice.toml")
+        with open(config, "w") as handle:
+            handle.write(FEATURES_CONFIG.format(upstream=upstream_port))
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "sluice"), "serve", "--port", str(port),
+            "--config", config, "--max-streams", "8192", "--log-level", "WARNING", *(sluice_args or []),
+        ]
+    elif name == "sluice-2w":
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "sluice"), "serve", "--port", str(port), "--workers", "2",
+            "--upstream-base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-streams", "8192",
+            "--log-level", "WARNING", *(sluice_args or []),
+        ]
     elif name == "nginx":
         binary = nginx_binary()
         if binary is None:
@@ -114,11 +160,26 @@ def target(name: str, upstream_port: int, sluice_args: list[str] | None = None) 
         cmd = [binary, "-p", workdir, "-c", os.path.join(workdir, "nginx.conf")]
     else:
         raise ValueError(name)
-    process = start(cmd, GATEWAY_CORE, env={"PYTHONPATH": ROOT})
+    cores = f"{GATEWAY_CORE},{LOAD_CORE}" if name == "sluice-2w" else GATEWAY_CORE
+    process = start(cmd, cores, env={"PYTHONPATH": ROOT, "SLUICE_BENCH_KEY": BENCH_KEY})
     try:
         wait_port(port)
-        yield Target(name, f"http://127.0.0.1:{port}", process.pid)
+        if name == "sluice-2w":
+            wait_workers(port, 2)
+        headers = {"authorization": f"Bearer {BENCH_KEY}"} if name == "sluice-features" else None
+        yield Target(name, f"http://127.0.0.1:{port}", process.pid, headers)
     finally:
         stop(process)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_workers(port: int, count: int, timeout: float = 60.0) -> None:
+    """Until ``count`` distinct workers have answered on the port (each binds it when ready)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        try:
+            seen.add(http_json(f"http://127.0.0.1:{port}/health")["process"]["pid"])
+        except OSError:
+            time.sleep(0.1)

@@ -279,3 +279,22 @@ def test_percentile_hedging_waits_for_samples_then_uses_the_percentile() -> None
     assert route.hedge_delay(min_samples=20) == 0.010
     single = ModelRoute("m", deployments=[object()], hedge_after_ms=250)  # type: ignore[list-item]
     assert single.hedge_delay(min_samples=1) is None  # nowhere else to hedge to
+
+
+async def test_a_wildcard_model_catches_other_names_and_keeps_them(
+    start_gateway: GatewayFactory, start_simulator: SimulatorFactory
+) -> None:
+    named, catch_all = await start_simulator(), await start_simulator()
+    gateway = await start_gateway(
+        models=[
+            ModelConfig(name="named", deployments=[deployment(named, "sim:tokens=2")]),
+            ModelConfig(name="*", deployments=[DeploymentConfig(base_url=catch_all.base_url)]),
+        ]
+    )
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        _, other = await stream_chat(http, chat_body("sim:tokens=6"))
+        _, configured = await stream_chat(http, chat_body("named"))
+        listed = (await http.get("/v1/models")).json()
+    assert other.figures["tokens"] == 6 and catch_all.stats.requests_completed == 1  # its own name reached upstream
+    assert configured.figures["tokens"] == 2 and named.stats.requests_completed == 1
+    assert [m["id"] for m in listed["data"]] == ["named"]

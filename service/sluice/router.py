@@ -5,6 +5,8 @@ or more :class:`Deployment` s (a base URL, a key, the provider's model
 name, a weight) and, optionally, fallback models. With no models
 configured the router has one *passthrough* route: every model name goes to
 the one upstream (``upstream_base_url`` or the embedded simulator) as it is.
+A configured model named ``"*"`` catches every name not configured
+otherwise, and sends it upstream as the client wrote it.
 
 Invariants:
 
@@ -40,6 +42,8 @@ from .wire.openai import ParsedRequest
 
 #: percentile names allowed for ``hedge_after``
 _PERCENTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
+#: a model named this serves every model name not configured otherwise, as the client named it
+WILDCARD = "*"
 #: the first-token window each model keeps for percentile hedging
 _TTFT_WINDOW = 512
 
@@ -172,7 +176,7 @@ class Router:
                 Deployment(
                     name=config.name or f"{model.name}#{index}",
                     client=self._client(config.base_url, key),
-                    upstream_model=config.model or model.name,
+                    upstream_model=config.model or (None if model.name == WILDCARD else model.name),
                     weight=config.weight,
                 )
             )
@@ -194,7 +198,7 @@ class Router:
     def route(self, model: str) -> ModelRoute:
         if self.passthrough is not None:
             return self.passthrough
-        route = self.routes.get(model)
+        route = self.routes.get(model) or self.routes.get(WILDCARD)
         if route is None:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it.", param="model"
@@ -203,7 +207,11 @@ class Router:
 
     def models_document(self) -> bytes:
         """``GET /v1/models`` for configured models (passthrough relays the upstream's list)."""
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "sluice"} for name in self.routes]
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "sluice"}
+            for name in self.routes
+            if name != WILDCARD
+        ]
         return json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
 
     @property
