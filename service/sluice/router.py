@@ -30,8 +30,9 @@ import json
 import os
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 import httpx2
 import trio
 
@@ -42,6 +43,8 @@ from .wire.openai import ParsedRequest
 
 #: percentile names allowed for ``hedge_after``
 _PERCENTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
+_T = TypeVar("_T")
+
 #: a model named this serves every model name not configured otherwise, as the client named it
 WILDCARD = "*"
 #: the first-token window each model keeps for percentile hedging
@@ -266,48 +269,48 @@ class Router:
         with_fallbacks: bool = True,
     ) -> OpenedStream:
         """Open a streaming request on the first deployment that answers 2xx."""
-        last_error: errors.SluiceError | None = None
-        for attempt, deployment in enumerate(self._attempt_order(route, exclude, with_fallbacks)):
-            if attempt:
-                self.events.fell_back(deployment)
+
+        async def attempt(deployment: Deployment) -> OpenedStream:
             body = request.body_for_model(deployment.upstream_model)
-            try:
-                response = await deployment.client.open_chat_stream(body, on_attempt=on_attempt)
-            except errors.SluiceError as exc:
-                if not fails_over(exc):
-                    raise
-                self._failed(deployment, exc)
-                last_error = exc
-                continue
-            self._succeeded(deployment)
-            return OpenedStream(response, deployment)
-        if last_error is None:
-            raise errors.UpstreamUnavailable("No deployment is left to try for this model.")
-        raise last_error
+            return OpenedStream(await deployment.client.open_chat_stream(body, on_attempt=on_attempt), deployment)
+
+        return await self._first_success(self._attempt_order(route, exclude, with_fallbacks), attempt)
 
     async def complete(
         self, route: ModelRoute, request: ParsedRequest, *, on_attempt: Callable[[], None] | None = None
     ) -> tuple[httpx2.Response, Deployment]:
         """A non-streaming completion on the first deployment that answers 2xx."""
-        last_error: errors.SluiceError | None = None
-        for attempt, deployment in enumerate(self._attempt_order(route, (), True)):
-            if attempt:
-                self.events.fell_back(deployment)
+
+        async def attempt(deployment: Deployment) -> tuple[httpx2.Response, Deployment]:
             body = request.body_for_model(deployment.upstream_model)
-            deployment.active += 1
+            deployment.active += 1  # busy while it runs, for least_busy
             try:
-                response = await deployment.client.chat_completion(body, on_attempt=on_attempt)
+                return await deployment.client.chat_completion(body, on_attempt=on_attempt), deployment
+            finally:
+                deployment.active -= 1
+
+        return await self._first_success(self._attempt_order(route, (), True), attempt)
+
+    async def _first_success(
+        self, order: list[Deployment], attempt: Callable[[Deployment], Awaitable[_T]]
+    ) -> _T:
+        """Try ``attempt`` on each deployment in order until one succeeds or fails for the client's own reason."""
+        last_error: errors.SluiceError | None = None
+        for index, deployment in enumerate(order):
+            if index:
+                self.events.fell_back(deployment)
+            try:
+                result = await attempt(deployment)
             except errors.SluiceError as exc:
                 if not fails_over(exc):
                     raise
                 self._failed(deployment, exc)
                 last_error = exc
                 continue
-            finally:
-                deployment.active -= 1
             self._succeeded(deployment)
-            return response, deployment
-        assert last_error is not None
+            return result
+        if last_error is None:
+            raise errors.UpstreamUnavailable("No deployment is left to try for this model.")
         raise last_error
 
 
