@@ -48,6 +48,7 @@ async def test_draining_ends_open_streams_with_a_visible_error(
             refused = await http.post("/v1/chat/completions", json=chat_body("sim"))
         [(_, sse)] = results
     assert health.status_code == 503 and health.json()["status"] == "draining"
+    assert health.headers["connection"] == "close"  # keep-alive connections do not outlive the drain
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
     assert sse.error is not None and sse.error["code"] == "server_shutting_down"
     assert not sse.ended_with_done

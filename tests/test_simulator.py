@@ -161,3 +161,9 @@ async def test_reset_route_zeroes_the_counters(sim_http: httpx2.AsyncClient, sim
     await sim_http.post("chat/completions", json=chat_body("sim:tokens=1", stream=False))
     await sim_http.post(_root(simulator) + "/sim/reset")
     assert (await sim_http.get(_root(simulator) + "/sim/stats")).json()["requests_started"] == 0
+
+
+async def test_the_simulator_answers_health_checks(simulator: RunningSimulator) -> None:
+    async with httpx2.AsyncClient() as http:
+        health = await http.get(simulator.base_url.removesuffix("/v1") + "/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok", "active_requests": 0}

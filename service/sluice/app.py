@@ -224,6 +224,11 @@ def create_app(settings: Settings) -> SluiceApp:
     async def tag_and_log(response: Response) -> Response:
         request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
         response.headers["x-request-id"] = request_id
+        if state.draining:
+            # Hypercorn keeps idle keep-alive connections open while it drains; a
+            # proxy that sends its next request on one would reach a gateway that
+            # refuses it. Closing after each response sends the proxy elsewhere.
+            response.headers["connection"] = "close"
         if request.scope.get(_RELAY_SCOPE_KEY) is None and request.scope.get(_STATS_SCOPE_KEY) is None:
             # Streams and completions log their own line when they end; this is everything else.
             if request.path.startswith("/v1/") or response.status_code >= 400:

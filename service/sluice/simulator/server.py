@@ -216,6 +216,7 @@ class Simulator:
             "/v1/models": ("GET", self._models),
             "/sim/stats": ("GET", self._stats_route),
             "/sim/reset": ("POST", self._reset_route),
+            "/health": ("GET", self._health_route),
         }
         route = routes.get(path)
         if route is None:
@@ -233,6 +234,9 @@ class Simulator:
 
     async def _stats_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         await self._send_simple(conn, http, 200, json.dumps(self.stats.as_json()).encode())
+
+    async def _health_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+        await self._send_simple(conn, http, 200, json.dumps({"status": "ok", "active_requests": self.stats.active_requests}).encode())
 
     async def _reset_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         self.reset()
