@@ -115,3 +115,121 @@ class RawStream:
         # SO_LINGER with a zero timeout turns close() into an RST.
         self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await self.stream.aclose()
+
+
+# --- HTTP/2 (appended) ---------------------------------------------------------------
+
+
+class H2Response:
+    """One HTTP/2 stream's response, as the client received it so far."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.body = bytearray()
+        self.ended = False
+        self.reset = False
+
+
+class H2Client:
+    """Many requests on one HTTP/2 connection (h2c with prior knowledge), for chaos tests.
+
+    One task runs :meth:`pump` (reads frames, acknowledges data so flow
+    control never stalls the server); the test opens streams, resets single
+    streams (``RST_STREAM``) or drops the whole connection. Sends go through a
+    lock: the pump's window updates and the test's frames share the socket.
+    """
+
+    opened: list[H2Client] = []
+
+    def __init__(self, sock_stream: trio.SocketStream, authority: str) -> None:
+        import h2.config
+        import h2.connection
+
+        self.stream = sock_stream
+        self.authority = authority
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.responses: dict[int, H2Response] = {}
+        self.closed = False
+        self.terminated = False
+        self._send_lock = trio.Lock()
+
+    @classmethod
+    async def connect(cls, url: str) -> H2Client:
+        parts = urlsplit(url)
+        stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+        client = cls(stream, f"{parts.hostname}:{parts.port}")
+        cls.opened.append(client)
+        client.conn.initiate_connection()
+        await client._flush()
+        return client
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self.conn.data_to_send()
+            if data and not self.closed:
+                await self.stream.send_all(data)
+
+    async def post(self, body: dict[str, Any], *, path: str = "/v1/chat/completions", headers: dict[str, str] | None = None) -> int:
+        """Open a stream with one POST; return its stream id."""
+        payload = json.dumps(body).encode()
+        stream_id = self.conn.get_next_available_stream_id()
+        request_headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", self.authority),
+            (":path", path),
+            ("content-type", "application/json"),
+            ("content-length", str(len(payload))),
+            *((headers or {}).items()),
+        ]
+        self.responses[stream_id] = H2Response()
+        self.conn.send_headers(stream_id, request_headers)
+        self.conn.send_data(stream_id, payload, end_stream=True)
+        await self._flush()
+        return stream_id
+
+    async def reset_stream(self, stream_id: int) -> None:
+        """Cancel one stream (RST_STREAM, CANCEL); the connection stays up."""
+        from h2.errors import ErrorCodes
+
+        self.conn.reset_stream(stream_id, error_code=ErrorCodes.CANCEL)
+        self.responses[stream_id].reset = True
+        await self._flush()
+
+    async def pump(self) -> None:
+        """Read and handle frames until the connection ends (run it in a task)."""
+        import h2.events
+
+        while not self.closed:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                break
+            if not data:
+                break
+            for event in self.conn.receive_data(data):
+                response = self.responses.get(getattr(event, "stream_id", 0) or 0)
+                if isinstance(event, h2.events.ResponseReceived) and response is not None:
+                    response.status = int(dict(event.headers)[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    if response is not None:
+                        response.body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and response is not None:
+                    response.ended = True
+                elif isinstance(event, h2.events.StreamReset) and response is not None:
+                    response.reset = True
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.terminated = True
+            try:
+                await self._flush()
+            except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                break
+        self.closed = True
+
+    async def close_rst(self) -> None:
+        """Drop the connection abruptly: no GOAWAY, a TCP RST."""
+        self.closed = True
+        if self.stream.socket.fileno() != -1:
+            self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await self.stream.aclose()

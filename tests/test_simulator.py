@@ -167,3 +167,11 @@ async def test_the_simulator_answers_health_checks(simulator: RunningSimulator) 
     async with httpx2.AsyncClient() as http:
         health = await http.get(simulator.base_url.removesuffix("/v1") + "/health")
     assert health.status_code == 200 and health.json() == {"status": "ok", "active_requests": 0}
+
+
+@pytest.mark.parametrize("content", ['"\\ud800"', '[{"type": "text", "text": "\\udfff x"}]', '[{"type": "text", "text": 5}]'])
+async def test_odd_but_valid_json_content_does_not_crash_the_simulator(simulator: RunningSimulator, content: str) -> None:
+    body = '{"model": "sim:tokens=3", "stream": true, "messages": [{"role": "user", "content": %s}]}' % content
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(simulator.base_url + "/chat/completions", content=body)
+    assert response.status_code == 200 and parse_sse(response.content).ended_with_done

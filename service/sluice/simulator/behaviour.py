@@ -127,7 +127,8 @@ def parse_behaviour(model: str, headers: Mapping[str, str] | None = None) -> Beh
 
 def simulated_tokens(prompt: str, count: int, seed: str = "") -> list[str]:
     """The deterministic tokens for a prompt: words, each but the first with a leading space."""
-    base = zlib.crc32(f"{seed}\x00{prompt}".encode())
+    # surrogatepass: a lone surrogate (valid in JSON, not in UTF-8) must not crash the handler
+    base = zlib.crc32(f"{seed}\x00{prompt}".encode("utf-8", "surrogatepass"))
     words = [VOCABULARY[zlib.crc32(i.to_bytes(4, "little"), base) % len(VOCABULARY)] for i in range(count)]
     return [word if i == 0 else " " + word for i, word in enumerate(words)]
 
@@ -136,7 +137,8 @@ def prompt_of(messages: list[Any]) -> str:
     """The content of the last message (text parts joined), which seeds the text."""
     content = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        # A part whose "text" is not a string must not crash the handler (the client would get a 502).
+        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
     return content if isinstance(content, str) else ""
 
 
