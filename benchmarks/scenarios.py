@@ -119,6 +119,11 @@ def _measure(scenario: Scenario, variant: str, spec: dict[str, Any], system: Tar
     spec["url"] = system.url
     if system.headers:
         spec["headers"] = system.headers
+    # One request first, for every gateway: its upstream connection, lazy
+    # imports and first-call caches are start-up, not the scenario's load.
+    warm = {"url": system.url, "streams": 1, "model": "sim:tokens=1", **({"headers": system.headers} if system.headers else {})}
+    run_loadgen(warm, 30)
+    http_json(sim + "/sim/reset", "POST")
     cpu_before = cpu_seconds(system.pid) if system.pid else 0.0
     rss_open = None
     if scenario.kind == "memory" and spec["streams"] == 0:
