@@ -15,9 +15,11 @@ as ``fd://N``: that is how per-connection options hypercorn does not know
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -97,8 +99,30 @@ async def serve_until_signalled(settings: Settings, *, reuse_port: bool = False)
                     return
 
         nursery.start_soon(watch_signals)
-        await serve(app, config, shutdown_trigger=shutdown_trigger)
-        nursery.cancel_scope.cancel()
+
+        async def serve_then_stop(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(serve_then_stop)
+        freeze_startup_heap()
+
+
+def freeze_startup_heap() -> None:
+    """Exclude everything start-up built from the garbage collector's full passes.
+
+    Measured (gc.callbacks timing in the gateway under the sustained
+    benchmark): with the start-up heap (modules, the app, pools) in the
+    oldest generation, a full collection took 27-68 ms on this machine kind,
+    and whichever stream was starting waited that long for its first token:
+    the sustained scenario's TTFT p99 was 70-90 ms (p50 9 ms); with the heap
+    frozen once serving starts it was 25-35 ms in the same setup (with the
+    collector off entirely, 15 ms: what is left is full passes over what
+    requests allocate). Frozen objects are still freed by reference
+    counting; they are only no longer scanned for cycles.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run(settings: Settings) -> None:
