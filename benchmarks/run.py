@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.extend(run_scenario(scenarios[name], gateway, upstream_port))
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),
             "seconds": round(time.monotonic() - started, 1), "notes": notes}
-    print(report.write(rows, meta, "smoke" if args.smoke else "latest"))
+    # Only a full run replaces the committed results; a subset goes beside them.
+    stem = "smoke" if args.smoke else ("latest" if not args.scenarios and not args.quick else "partial")
+    print(report.write(rows, meta, stem))
     for leftover in glob.glob(os.path.join(report.RESULTS, "*.log.tmp")):
         os.remove(leftover)
     problems = [p for row in rows for p in correctness_problems(row)]
