@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import httpx2
 import trio
@@ -13,7 +14,7 @@ import trio
 from sluice.simulator import simulated_tokens
 
 from .rawclient import RawStream
-from .support import GatewayFactory, RunningSimulator, chat_body, parse_sse, stream_chat, wait_until
+from .support import GatewayFactory, RunningSimulator, SSEResult, chat_body, parse_sse, stream_chat, wait_until
 
 
 async def test_a_client_that_stops_reading_is_cut_and_its_upstream_closed(
@@ -29,19 +30,27 @@ async def test_a_client_that_stops_reading_is_cut_and_its_upstream_closed(
     assert gateway.state.metrics.outcomes["client_disconnect"] == 1
 
 
+async def stream_in_background(
+    nursery: trio.Nursery, http: httpx2.AsyncClient, body: dict[str, Any], simulator: RunningSimulator
+) -> list[tuple[httpx2.Response, SSEResult]]:
+    """Start one stream in ``nursery``; return once its upstream request is running (the list fills when it ends)."""
+    results: list[tuple[httpx2.Response, SSEResult]] = []
+
+    async def run() -> None:
+        results.append(await stream_chat(http, body))
+
+    nursery.start_soon(run)
+    await wait_until(lambda: simulator.stats.active_requests == 1)
+    return results
+
+
 async def test_draining_ends_open_streams_with_a_visible_error(
     start_gateway: GatewayFactory, simulator: RunningSimulator
 ) -> None:
     gateway = await start_gateway()
     async with httpx2.AsyncClient(base_url=gateway.url) as http:
         async with trio.open_nursery() as nursery:
-            results = []
-
-            async def long_stream() -> None:
-                results.append(await stream_chat(http, chat_body("sim:tokens=5000,itl_ms=10")))
-
-            nursery.start_soon(long_stream)
-            await wait_until(lambda: simulator.stats.active_requests == 1)
+            results = await stream_in_background(nursery, http, chat_body("sim:tokens=5000,itl_ms=10"), simulator)
             nursery.start_soon(gateway.state.drain, 0.1)
             await wait_until(lambda: gateway.state.draining)
             health = await http.get("/health")
@@ -61,13 +70,7 @@ async def test_streams_that_finish_within_the_drain_period_finish_normally(
     gateway = await start_gateway()
     async with httpx2.AsyncClient(base_url=gateway.url) as http:
         async with trio.open_nursery() as nursery:
-            results = []
-
-            async def short_stream() -> None:
-                results.append(await stream_chat(http, chat_body("sim:tokens=10,itl_ms=20", content="s")))
-
-            nursery.start_soon(short_stream)
-            await wait_until(lambda: simulator.stats.active_requests == 1)
+            results = await stream_in_background(nursery, http, chat_body("sim:tokens=10,itl_ms=20", content="s"), simulator)
             await gateway.state.drain(30)  # returns as soon as the stream is done
         [(_, sse)] = results
     assert sse.ended_with_done
