@@ -109,7 +109,7 @@ async def serve_until_signalled(settings: Settings, *, reuse_port: bool = False)
 
 
 def freeze_startup_heap() -> None:
-    """Exclude everything start-up built from the garbage collector's full passes.
+    """Exclude everything start-up built from the garbage collector's full passes, and run them rarely.
 
     Measured (gc.callbacks timing in the gateway under the sustained
     benchmark): with the start-up heap (modules, the app, pools) in the
@@ -123,6 +123,12 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+    # And collect young objects 10x less often than the default (700): each
+    # pass stalls every stream, and a relay makes garbage at a steady rate,
+    # so fewer, slightly larger young passes and far fewer full ones. With
+    # this the sustained scenario's TTFT p99 fell from 25-35 ms to ~15 ms
+    # (trio-floor 6-8 ms) and CPU per token by ~15 %.
+    gc.set_threshold(7000, 10, 10)
 
 
 def run(settings: Settings) -> None:
