@@ -145,12 +145,13 @@ def plot(rows: list[dict[str, Any]], stem: str) -> None:
     except ImportError:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for gateway in dict.fromkeys(r["gateway"] for r in capacity):
+    for number, gateway in enumerate(dict.fromkeys(r["gateway"] for r in capacity)):
         points = sorted((int(r["variant"]), r) for r in capacity if r["gateway"] == gateway)
         xs = [x for x, _ in points]
+        style = {"marker": "o", "label": gateway, "color": f"C{number}"}  # one colour per gateway in both plots
         if gateway != "direct":
-            left.plot(xs, [r["cpu_per_token_us"] for _, r in points], marker="o", label=gateway)
-        right.plot(xs, [r["ttft_p99_ms"] for _, r in points], marker="o", label=gateway)
+            left.plot(xs, [r["cpu_per_token_us"] for _, r in points], **style)
+        right.plot(xs, [r["ttft_p99_ms"] for _, r in points], **style)
     left.set(title="CPU per token vs concurrency", xlabel="concurrent streams", ylabel="us of gateway CPU per token")
     right.set(title="TTFT p99 vs concurrency", xlabel="concurrent streams", ylabel="ms")
     for axis in (left, right):
