@@ -158,7 +158,8 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _redis_ready(port: int) -> bool:
+def redis_ready(port: int) -> bool:
+    """A redis-server on 127.0.0.1:``port`` answers PING."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
@@ -263,7 +264,7 @@ class Fleet:
         nginx_args = ["-p", self.workdir, "-e", error_log, "-c", conf, "-g", "daemon off;"]
         self.nginx_proc = self._spawn("nginx", [nginx, *nginx_args])
 
-        self._wait(self.redis_proc, lambda: _redis_ready(self.redis_port))
+        self._wait(self.redis_proc, lambda: redis_ready(self.redis_port))
         self._wait(self.simulator_proc, lambda: _tcp_ready(self.simulator_port))
         for i in range(self.gateway_count):
             self.wait_gateway(i)

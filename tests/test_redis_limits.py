@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import httpx2
 import pytest
 import trio
 
-from deploy.fleet import ensure_binary, free_port
+from deploy.fleet import ensure_binary, free_port, redis_ready
 from sluice.config import DeploymentConfig, ModelConfig, VirtualKeyConfig
 
 from .rawclient import RawStream
@@ -45,14 +44,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     )
     try:
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
+        while not redis_ready(port):
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"

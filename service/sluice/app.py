@@ -71,7 +71,6 @@ class GatewayState:
     router: Router | None = None
     keys: KeyTable = field(init=False)
     limits: LimitStore = field(default_factory=LocalLimitStore)
-    upstream_base_url: str | None = None
     simulator: Simulator | None = None
     simulator_scope: trio.CancelScope | None = None
     #: streams in flight, for graceful shutdown
@@ -161,7 +160,6 @@ def create_app(settings: Settings) -> SluiceApp:
             port = await app.nursery.start(_serve_simulator, state)
             base_url = f"http://127.0.0.1:{port}/v1"
             log.info("no upstream configured: serving from the embedded simulator at %s", base_url)
-        state.upstream_base_url = base_url
         store: Any = None
         if settings.redis_url:
             # Imported only when used: coredis alone adds ~14 MB to every worker's RSS.
