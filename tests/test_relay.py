@@ -36,6 +36,19 @@ async def test_figures_comment_precedes_done_and_counts_the_stream(client: httpx
     assert {"total_ms", "tokens_per_s", "peak_queue", "blocked_ms", "dropped", "coalesced"} <= set(figures)
 
 
+async def test_streams_one_after_another_reuse_one_upstream_connection(
+    client: httpx2.AsyncClient, simulator: RunningSimulator
+) -> None:
+    # The relay reads the body below httpx2 (sluice.upstream_body); reading it
+    # to its end must still hand the connection back to httpx2's pool.
+    for n in range(5):
+        _, sse = await stream_chat(client, chat_body("sim:tokens=30,itl_ms=2", content=f"story {n}"))
+        assert sse.text == "".join(simulated_tokens(f"story {n}", 30))
+        assert sse.ended_with_done
+    assert simulator.stats.requests_completed == 5
+    assert simulator.stats.connections_accepted == 1
+
+
 async def test_usage_chunk_is_relayed_and_counts_tokens(client: httpx2.AsyncClient) -> None:
     body = chat_body("sim:tokens=12", stream_options={"include_usage": True})
     _, sse = await stream_chat(client, body)

@@ -55,6 +55,7 @@ _MAX_FAULT_KEYS = 100_000
 
 @dataclass
 class SimulatorStats:
+    connections_accepted: int = 0
     requests_started: int = 0
     requests_completed: int = 0
     requests_closed_by_client: int = 0
@@ -160,6 +161,7 @@ class Simulator:
                             sock, _ = listener.accept()
                         except BlockingIOError:
                             break
+                        self.stats.connections_accepted += 1
                         nursery.start_soon(self._serve_connection, _Socket(sock, self.send_buffer))
         finally:
             listener.close()
