@@ -112,6 +112,26 @@ class EventFramer:
         return self._scan(data[: end + 2])
 
     def _scan(self, complete: bytes) -> bytes:
+        """Check the complete events in one read; cut the payload at the first terminal one."""
+        count = complete.count(b"\n\n")
+        if (
+            # Every event is one `data: {...}` line with no error or usage in
+            # it: the common case, checked with a few whole-buffer scans in C.
+            # Hand-written for speed: checking event by event in Python was
+            # half the gateway's CPU at full throughput (many events per read).
+            complete.count(b"\n") == 2 * count  # one line per event
+            and complete.startswith(b"data: {")
+            and complete.count(b"}\n\ndata: {") == count - 1
+            and complete.endswith(b"}\n\n")
+            and b'"error"' not in complete
+            and b'"usage":{' not in complete
+            and b'"usage": {' not in complete
+        ):
+            self._count(complete, count)
+            return complete
+        return self._scan_each(complete)
+
+    def _scan_each(self, complete: bytes) -> bytes:
         """Check each event; cut the payload at the first terminal one."""
         events = complete.split(b"\n\n")
         events.pop()  # the empty string after the final blank line
