@@ -15,6 +15,7 @@ COLUMNS = [
     ("cpu_per_token_us", "CPU/token us"), ("cpu_per_request_ms", "CPU/req ms"),
     ("x_floor", "x floor"), ("x_nginx", "x nginx"), ("peak_rss_mb", "peak RSS MB"), ("rss_open_mb", "RSS open MB"),
     ("upstream_closed_pct", "upstream closed %"), ("cancel_p50_ms", "cancel p50 ms"), ("cancel_p99_ms", "cancel p99 ms"),
+    ("rounds", "rounds (median shown)"),
 ]
 
 

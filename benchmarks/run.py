@@ -14,7 +14,7 @@ import sys
 import time
 
 from . import report
-from .scenarios import build, correctness_problems, run_scenario
+from .scenarios import build, correctness_problems, median_rows, run_scenario
 from .targets import EXTRA_GATEWAYS, GATEWAYS, ensure_nginx, upstream
 
 SMOKE_SCENARIOS = ["sustained", "requests", "overload", "cancel", "features"]
@@ -37,12 +37,18 @@ def main(argv: list[str] | None = None) -> int:
         gateways.remove("nginx")
         notes.append("nginx skipped: not installed" + (" (smoke runs never install it)" if args.smoke else ""))
     rows = []
+    everything = []  # every round's rows: a wrong result in any round is a wrong result
     started = time.monotonic()
     with upstream() as upstream_port:
         for name in chosen:
-            for gateway in scenarios[name].gateways or gateways:
-                print(f"-- {name} on {gateway}", file=sys.stderr, flush=True)
-                rows.extend(run_scenario(scenarios[name], gateway, upstream_port))
+            scenario = scenarios[name]
+            measured = []
+            for round_ in range(scenario.repeats):
+                for gateway in scenario.gateways or gateways:
+                    print(f"-- {name} on {gateway} (round {round_ + 1}/{scenario.repeats})", file=sys.stderr, flush=True)
+                    measured.extend(run_scenario(scenario, gateway, upstream_port))
+            everything.extend(measured)
+            rows.extend(median_rows(scenario, measured))
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),
             "seconds": round(time.monotonic() - started, 1), "notes": notes}
     # Only a full run replaces the committed results; a subset goes beside them.
@@ -50,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.write(rows, meta, stem))
     for leftover in glob.glob(os.path.join(report.RESULTS, "*.log.tmp")):
         os.remove(leftover)
-    problems = [p for row in rows for p in correctness_problems(row)]
+    problems = list(dict.fromkeys(p for row in everything for p in correctness_problems(row)))
     for problem in problems:
         print("WRONG RESULT:", problem, file=sys.stderr)
     wrong = {(p.split(":")[0]) for p in problems}
-    print(f"benchmarks: {len(rows) - len(wrong)} passed, {len(wrong)} failed")
+    print(f"benchmarks: {len(everything) - len(wrong)} passed, {len(wrong)} failed")
     return 1 if problems else 0
 
 

@@ -30,6 +30,9 @@ class Scenario:
     timeout: float = 120.0
     #: run on exactly these gateways (a comparison of Sluice variants), whatever --gateways says
     gateways: tuple[str, ...] | None = None
+    #: rounds over all gateways, interleaved; each gateway's row is its median round by ``median_of``
+    repeats: int = 1
+    median_of: str = "cpu_per_token_us"
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -45,9 +48,14 @@ def sustained_model(tokens: int = 50, itl: int = 20) -> str:
 
 def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
     tokens = 20 if smoke else 50
+    # This machine's speed drifts by tens of percent between runs seconds apart
+    # (a shared VM): ratios come from interleaved rounds, each gateway's median.
+    rounds = 1 if (smoke or quick) else 3
     capacity_steps = [25, 50, 100] if (smoke or quick) else [25, 50, 100, 150, 200, 300, 400]
     return {
-        "sustained": Scenario("sustained", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens),
+        "sustained": Scenario(
+            "sustained", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens, repeats=rounds
+        ),
         "ttft": Scenario("ttft", [("10", {"streams": 10, "model": "sim:tokens=5", "ramp_s": 0.5})], 5),
         "requests": Scenario(
             "requests",
@@ -57,8 +65,12 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
             ],
             1,
             kind="requests",
+            repeats=rounds,
+            median_of="cpu_per_request_ms",
         ),
-        "throughput": Scenario("throughput", [("64x512", {"streams": 64, "model": "sim:tokens=512"})], 512),
+        "throughput": Scenario(
+            "throughput", [("64x512", {"streams": 64, "model": "sim:tokens=512"})], 512, repeats=rounds, median_of="tokens_per_s"
+        ),
         "overload": Scenario(
             "overload", [("100" if smoke else "500", {"streams": 100 if smoke else 500, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens
         ),
@@ -80,16 +92,16 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
         # Sluice against itself: what issue 6's features cost, and what a second worker buys.
         "features": Scenario(
             "features", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens,
-            gateways=("sluice", "sluice-features"),
+            gateways=("sluice", "sluice-features"), repeats=rounds,
         ),
         "features-requests": Scenario(
             "features-requests",
             [("stream", {"streams": 32, "model": "sim:tokens=1", "repeat_s": 1.0 if smoke else 5.0})],
-            1, kind="requests", gateways=("sluice", "sluice-features"),
+            1, kind="requests", gateways=("sluice", "sluice-features"), repeats=rounds, median_of="cpu_per_request_ms",
         ),
         "workers-throughput": Scenario(
             "workers-throughput", [("64x512", {"streams": 64, "model": "sim:tokens=512"})], 512,
-            gateways=("sluice", "sluice-2w"),
+            gateways=("sluice", "sluice-2w"), repeats=rounds, median_of="tokens_per_s",
         ),
         "workers-streams": Scenario(
             "workers-streams",
@@ -103,6 +115,22 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
             kind="slow",
         ),
     }
+
+
+def median_rows(scenario: Scenario, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each (gateway, load) row of its median round by ``scenario.median_of``; every round's value kept."""
+    if scenario.repeats == 1:
+        return measured
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in measured:
+        by_key.setdefault((row["gateway"], row["variant"]), []).append(row)
+    chosen = []
+    for runs in by_key.values():
+        measured = sorted((r for r in runs if r.get(scenario.median_of) is not None), key=lambda r: r[scenario.median_of])
+        row = dict(measured[len(measured) // 2] if measured else runs[0])
+        row["rounds"] = [r.get(scenario.median_of) for r in runs]
+        chosen.append(row)
+    return chosen
 
 
 def run_scenario(scenario: Scenario, gateway: str, upstream_port: int) -> list[dict[str, Any]]:

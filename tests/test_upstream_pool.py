@@ -42,3 +42,24 @@ async def test_pool_still_serves_after_many_cancelled_streams(simulator: Running
             response = await upstream.chat_completion(quick)
             assert response.status_code == 200
     await upstream.aclose()
+
+
+async def test_a_chat_request_is_the_one_build_request_would_make() -> None:
+    # UpstreamClient builds chat requests from parts prepared once (for speed);
+    # they must not differ from httpx2's own build_request in anything sent.
+    upstream = UpstreamClient(
+        "https://api.example.com/v1", api_key="sk-test", max_connections=4, connect_timeout=3,
+        retry_policy=RetryPolicy(max_attempts=1),
+    )
+    body = b'{"model":"m","stream":true,"messages":[]}'
+    ours = upstream.chat_request(body)
+    theirs = upstream._client.build_request(
+        "POST", "chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert (ours.method, ours.url, ours.headers.raw, ours.extensions) == (
+        theirs.method, theirs.url, theirs.headers.raw, theirs.extensions
+    )
+    assert ours.url == "https://api.example.com/v1/chat/completions"
+    assert ours.headers["authorization"] == "Bearer sk-test"
+    assert ours.content == body
+    await upstream.aclose()

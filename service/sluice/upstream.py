@@ -66,6 +66,22 @@ class UpstreamClient:
             ),
         )
 
+        # Every chat request differs only in its body: build its URL, headers
+        # and timeouts once (``build_request`` merges and parses them anew each
+        # time: ~160 us a request, against ~25 us for a Request from parts).
+        template = self._client.build_request(
+            "POST", "chat/completions", content=b"", headers={"content-type": "application/json"}
+        )
+        self._chat_url = template.url
+        self._chat_headers = [(name, value) for name, value in template.headers.raw if name.lower() != b"content-length"]
+        self._chat_extensions = template.extensions
+
+    def chat_request(self, body: bytes) -> httpx2.Request:
+        """The POST for one chat completion, as ``build_request`` would make it."""
+        return httpx2.Request(
+            "POST", self._chat_url, content=body, headers=self._chat_headers, extensions=dict(self._chat_extensions)
+        )
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -97,9 +113,7 @@ class UpstreamClient:
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
     async def _open_stream_once(self, body: bytes) -> httpx2.Response:
-        request = self._client.build_request(
-            "POST", "chat/completions", content=body, headers={"content-type": "application/json"}
-        )
+        request = self.chat_request(body)
         response = await _send(self._client, request, stream=True)
         if response.is_success:
             return response
@@ -114,9 +128,7 @@ class UpstreamClient:
         raise _status_failure(response)
 
     async def _complete_once(self, body: bytes) -> httpx2.Response:
-        request = self._client.build_request(
-            "POST", "chat/completions", content=body, headers={"content-type": "application/json"}
-        )
+        request = self.chat_request(body)
         response = await _send(self._client, request, stream=False)
         if response.is_success:
             return response
