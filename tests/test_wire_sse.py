@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from sluice.wire import sse
 from sluice.wire.sse import EventFramer, comment_event
 
 
@@ -110,13 +112,16 @@ def test_any_split_of_a_stream_yields_the_same_events(contents: list[str], data:
 
 
 def _framer_state(framer: EventFramer) -> tuple[object, ...]:
-    return (framer.done, framer.error, framer.malformed, framer.usage, framer.events, framer.content_deltas)
+    return (
+        framer.done, framer.error, framer.malformed, framer.usage, framer.events, framer.content_deltas,
+        framer.has_partial_event,
+    )
 
 
 event_kinds = st.one_of(
     st.text(max_size=12).map(chunk),
     st.just(b"data: [DONE]\n\n"),
-    st.just(b': ping\n\n'),
+    st.just(b": ping\n\n"),
     st.just(b'data: {"error":{"message":"boom"}}\n\n'),
     st.just(b'data: {"choices":[],"usage":{"completion_tokens":3}}\n\n'),
     st.just(b'data: {"choices":[],"usage":null}\n\n'),
@@ -124,20 +129,28 @@ event_kinds = st.one_of(
     st.just(b'data: {"a":\ndata: 1}\n\n'),
     st.just(b"data: {\n: comment}\n\n"),
     st.just(b"data: {unclosed\n\n"),
-    st.just(b'id: }\n\n'),
-    st.just(b'data: x}\n\n'),
+    st.just(b"id: }\n\n"),
+    st.just(b"data: x}\n\n"),
     st.just(b'data: {"content":"data: {"}\n\n'),
     st.just(b"\n\n"),
 )
 
 
 @settings(max_examples=400)
-@given(st.lists(event_kinds, min_size=1, max_size=12))
-@example([chunk("a"), b"data: x}\n\n"])
-@example([chunk("a"), b"data: {\n: comment}\n\n"])
-@example([chunk("a"), b"data: {unclosed\n\n"])
-def test_the_whole_read_fast_path_decides_as_the_event_by_event_scan(events: list[bytes]) -> None:
-    complete = b"".join(events)
-    fast, each = EventFramer(), EventFramer()
-    assert fast._scan(complete) == each._scan_each(complete)
+@given(
+    events=st.lists(event_kinds, min_size=1, max_size=12),
+    tail=st.sampled_from([b"", b'data: {"partial', b"data: [DO"]),
+)
+@example(events=[chunk("a"), b"data: x}\n\n"], tail=b"")
+@example(events=[chunk("a"), b"data: {\n: comment}\n\n"], tail=b"")
+@example(events=[chunk("a"), b"data: {unclosed\n\n"], tail=b"")
+@example(events=[chunk("a"), b"data: [DONE]\n\n"], tail=b'data: {"partial')
+def test_the_whole_read_fast_path_decides_as_the_event_by_event_scan(events: list[bytes], tail: bytes) -> None:
+    read = b"".join(events) + tail
+    fast = EventFramer()
+    fast_out = fast.feed(read)
+    with mock.patch.object(sse, "_plain_data_events", lambda events: False):
+        each = EventFramer()
+        each_out = each.feed(read)
+    assert fast_out == each_out
     assert _framer_state(fast) == _framer_state(each)

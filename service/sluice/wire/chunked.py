@@ -35,7 +35,7 @@ MAX_LINE = 100 * 1024
 
 # The chunk-size line as h11 accepts it (h11 ``_abnf.chunk_header``): 1-20 hex
 # digits, extensions ignored whatever they hold, trailing whitespace tolerated.
-_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*", re.DOTALL)
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
 _TRAILER_END = re.compile(rb"\n\r?\n")
 _TRAILER_FIELD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\x00]*|[ \t][^\x00]*")
 
@@ -114,17 +114,30 @@ class ChunkedDecoder:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_size_line(self, data: bytes, position: int) -> int:
-        newline = data.find(b"\n", position)
-        if newline < 0:
-            self._line += data[position:]
-            if len(self._line) > MAX_LINE:
-                raise ChunkedFramingError("chunk-size line too long")
-            return len(data)
-        line = self._line + data[position:newline] if self._line else data[position:newline]
-        self._line = b""
-        if not line.endswith(b"\r"):
-            raise ChunkedFramingError(f"chunk-size line not ended by CRLF: {line[:40]!r}")
-        match = _SIZE_LINE.fullmatch(line, 0, len(line) - 1)
+        # As h11 reads it: the line runs to the first CRLF (a CR split from its
+        # LF across reads is found once the LF arrives).
+        if self._line:
+            joined = self._line + data[position:]
+            end = joined.find(b"\r\n")
+            if end < 0:
+                self._line = joined
+                if len(joined) > MAX_LINE:
+                    raise ChunkedFramingError("chunk-size line too long")
+                return len(data)
+            line = joined[:end]
+            consumed = end + 2 - len(self._line)
+            self._line = b""
+            next_position = position + consumed
+        else:
+            end = data.find(b"\r\n", position)
+            if end < 0:
+                self._line = data[position:]
+                if len(self._line) > MAX_LINE:
+                    raise ChunkedFramingError("chunk-size line too long")
+                return len(data)
+            line = data[position:end]
+            next_position = end + 2
+        match = _SIZE_LINE.fullmatch(line)
         if match is None:
             raise ChunkedFramingError(f"illegal chunk header: {line[:40]!r}")
         size = int(match.group(1), 16)
@@ -133,7 +146,7 @@ class ChunkedDecoder:
         else:
             self._state = _DATA
             self._remaining = size
-        return newline + 1
+        return next_position
 
     def _read_trailer(self, data: bytes, position: int) -> int:
         # Trailers are read as one section and dropped: the relay has no use for them.
