@@ -1,0 +1,98 @@
+"""The stack floor: Sluice's shape as a raw ASGI callable on hypercorn, reading the upstream with httpx2.
+
+``python -m benchmarks.stack_floor PORT UPSTREAM_PORT``
+
+What trio-floor is to trio, this is to the stack Sluice is fixed to:
+hypercorn (trio worker) serving a bare ASGI callable (no Quart), httpx2 for
+the upstream request and ``sluice.upstream_body.UpstreamBody`` for its body,
+a producer and a consumer joined by a bounded memory channel, the
+upstream's bytes passed through untouched (no SSE framing, no figures, no
+error events, no limits, no metrics). Everything Sluice spends above it is
+Quart and Sluice's own work; everything it spends above trio-floor is
+hypercorn's and httpx2's.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import httpx2
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from sluice.server import freeze_startup_heap
+from sluice.upstream_body import UpstreamBody
+
+HEAD = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+def make_app(upstream_url: str) -> Any:
+    client = httpx2.AsyncClient(
+        timeout=httpx2.Timeout(5, read=None),
+        limits=httpx2.Limits(max_connections=8192, max_keepalive_connections=8192),
+    )
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = client.build_request("POST", upstream_url, content=body, headers={"content-type": "application/json"})
+        response = await client.send(request, stream=True)
+        try:
+            await send({"type": "http.response.start", "status": response.status_code, "headers": HEAD})
+            sender, receiver = trio.open_memory_channel[bytes](16)
+
+            async def produce() -> None:
+                async with sender:
+                    upstream_body = UpstreamBody(response)
+                    try:
+                        while chunk := await upstream_body.read():
+                            await sender.send(chunk)
+                    finally:
+                        await upstream_body.aclose()
+
+            async def cancel_on_disconnect(scope: trio.CancelScope) -> None:
+                # As quart-trio does: a client gone is an http.disconnect on receive.
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_on_disconnect, nursery.cancel_scope)
+                nursery.start_soon(produce)
+                async for chunk in receiver:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    return app
+
+
+def main() -> None:
+    port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.keep_alive_timeout = 75
+    app = make_app(f"http://127.0.0.1:{upstream_port}/v1/chat/completions")
+    freeze_startup_heap()  # the garbage collector set as Sluice sets it
+    trio.run(serve, app, config)
+
+
+if __name__ == "__main__":
+    main()
