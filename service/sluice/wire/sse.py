@@ -118,13 +118,14 @@ class EventFramer:
         # ends a fast stream). Hand-written for speed: checking event by event
         # in Python was half the gateway's CPU at full throughput (hundreds of
         # events per read).
-        events = complete[: -len(DONE_EVENT)] if complete.endswith(DONE_EVENT) else complete
+        done = complete.endswith(DONE_EVENT)
+        events = complete[: -len(DONE_EVENT)] if done else complete
         if not events or _plain_data_events(events):
             if events:
                 self._count(events, events.count(b"\n\n"))
-            if events is not complete:
+            if done:
                 self.done = True
-                self._pending = b""
+                self._pending = b""  # nothing after [DONE] is read
             return events
         return self._scan_each(complete)
 
