@@ -13,7 +13,7 @@ COLUMNS = [
     ("tokens", "tokens"), ("tokens_expected", "sent"), ("events_per_s", "events/s"),
     ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("ttft_p99_vs_direct", "p99 - direct"),
     ("cpu_per_token_us", "CPU/token us"), ("cpu_per_request_ms", "CPU/req ms"),
-    ("x_floor", "x floor"), ("x_stack", "x stack"), ("x_nginx", "x nginx"), ("peak_rss_mb", "peak RSS MB"), ("rss_open_mb", "RSS open MB"),
+    ("x_floor", "x floor"), ("x_stack", "x stack"), ("x_quart", "x quart"), ("x_nginx", "x nginx"), ("peak_rss_mb", "peak RSS MB"), ("rss_open_mb", "RSS open MB"),
     ("upstream_closed_pct", "upstream closed %"), ("cancel_p50_ms", "cancel p50 ms"), ("cancel_p99_ms", "cancel p99 ms"),
     ("rounds", "rounds (median shown)"),
 ]
@@ -27,7 +27,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if direct and row["ttft_p99_ms"] is not None and direct["ttft_p99_ms"] is not None:
             row["ttft_p99_vs_direct"] = round(row["ttft_p99_ms"] - direct["ttft_p99_ms"], 3)
         metric = "cpu_per_request_ms" if row["scenario"] == "requests" else "cpu_per_token_us"
-        for base, key in (("trio-floor", "x_floor"), ("stack-floor", "x_stack"), ("nginx", "x_nginx")):
+        for base, key in (("trio-floor", "x_floor"), ("stack-floor", "x_stack"), ("quart-floor", "x_quart"), ("nginx", "x_nginx")):
             other = index.get((row["scenario"], row["variant"], base))
             if other and other.get(metric) and row.get(metric):
                 row[key] = round(row[metric] / other[metric], 2)
@@ -54,17 +54,19 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         if s["ttft_p99_ms"] is not None and f["ttft_p99_ms"] is not None:
             diff = s["ttft_p99_ms"] - f["ttft_p99_ms"]
             check("sustained: TTFT p99 within 5 ms of trio-floor", f"{diff:+.1f} ms", diff <= 5)
-    k = get("sustained", "stack-floor")
-    if s and f and k and k["cpu_per_token_us"] and f["cpu_per_token_us"] and s["cpu_per_token_us"]:
-        # Context for the two above: what the fixed stack costs before Quart and Sluice add anything.
-        check("sustained: stack-floor's CPU/token vs trio-floor (no target)",
-              f"{k['cpu_per_token_us'] / f['cpu_per_token_us']:.2f}x", None)
-        check("sustained: Sluice's CPU/token vs stack-floor (no target)",
-              f"{s['cpu_per_token_us'] / k['cpu_per_token_us']:.2f}x", None)
-        if k["ttft_p99_ms"] is not None and f["ttft_p99_ms"] is not None:
-            check("sustained: stack-floor's TTFT p99 vs trio-floor (no target)", f"{k['ttft_p99_ms'] - f['ttft_p99_ms']:+.1f} ms", None)
+    for floor_name in ("stack-floor", "quart-floor"):
+        # Context for the two above: what the fixed stack costs before Sluice adds anything.
+        k = get("sustained", floor_name)
+        if s and f and k and k["cpu_per_token_us"] and f["cpu_per_token_us"] and s["cpu_per_token_us"]:
+            check(f"sustained: {floor_name}'s CPU/token vs trio-floor (no target)",
+                  f"{k['cpu_per_token_us'] / f['cpu_per_token_us']:.2f}x", None)
+            check(f"sustained: Sluice's CPU/token vs {floor_name} (no target)",
+                  f"{s['cpu_per_token_us'] / k['cpu_per_token_us']:.2f}x", None)
+            if k["ttft_p99_ms"] is not None and f["ttft_p99_ms"] is not None:
+                check(f"sustained: {floor_name}'s TTFT p99 vs trio-floor (no target)",
+                      f"{k['ttft_p99_ms'] - f['ttft_p99_ms']:+.1f} ms", None)
     capacity = {}
-    for gateway in ("sluice", "stack-floor", "trio-floor", "direct"):
+    for gateway in ("sluice", "stack-floor", "quart-floor", "trio-floor", "direct"):
         capacity[gateway] = [r for r in rows if r["scenario"] == "capacity" and r["gateway"] == gateway]
     if capacity["sluice"] and capacity["trio-floor"] and capacity["direct"]:
         def carried(gateway: str) -> int:
@@ -77,8 +79,9 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             return best
         ours, floor = carried("sluice"), carried("trio-floor")
         check("capacity >= 0.5x trio-floor's streams", f"{ours} vs {floor}", floor > 0 and ours >= 0.5 * floor)
-        if capacity["stack-floor"]:
-            check("capacity: stack-floor's streams (no target)", carried("stack-floor"), None)
+        for floor_name in ("stack-floor", "quart-floor"):
+            if capacity[floor_name]:
+                check(f"capacity: {floor_name}'s streams (no target)", carried(floor_name), None)
     r, rf = get("requests", "sluice", "stream"), get("requests", "trio-floor", "stream")
     if r and rf and r["cpu_per_request_ms"] and rf["cpu_per_request_ms"]:
         ratio = r["cpu_per_request_ms"] / rf["cpu_per_request_ms"]
@@ -86,9 +89,10 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     t = get("throughput", "sluice")
     if t:
         check("throughput >= 100 000 tokens/s", t["tokens_per_s"], t["tokens_per_s"] is not None and t["tokens_per_s"] >= 100_000)
-    tk = get("throughput", "stack-floor")
-    if tk:
-        check("throughput: stack-floor's tokens/s (no target)", tk["tokens_per_s"], None)
+    for floor_name in ("stack-floor", "quart-floor"):
+        tk = get("throughput", floor_name)
+        if tk:
+            check(f"throughput: {floor_name}'s tokens/s (no target)", tk["tokens_per_s"], None)
     o = get("overload", "sluice")
     if o:
         check("overload: 0 failed, every token", f"{o['failed']} failed, {o['tokens']}/{o['tokens_expected']}", o["failed"] == 0 and o["tokens"] == o["tokens_expected"])

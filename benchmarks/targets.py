@@ -3,7 +3,9 @@
 * ``direct``: no gateway; the load generator talks to the upstream.
 * ``trio-floor``: benchmarks/floor.py, the cost of trio for Sluice's shape.
 * ``stack-floor``: benchmarks/stack_floor.py, the same shape as a raw ASGI
-  callable on hypercorn with httpx2: the cost of the stack Sluice is fixed to.
+  callable on hypercorn with httpx2: the cost of hypercorn and httpx2.
+* ``quart-floor``: benchmarks/quart_floor.py, the same with quart-trio as the
+  application: the cost of the whole stack Sluice is fixed to.
 * ``nginx``: a pass-through proxy (``proxy_buffering off``), one worker.
 * ``sluice``: ``sluice serve`` pointed at the same upstream.
 * ``sluice-features``: the same with what issue 6 adds switched on: a
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from .procs import GATEWAY_CORE, LOAD_CORE, free_port, http_json, start, stop, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GATEWAYS = ("direct", "trio-floor", "stack-floor", "nginx", "sluice")
+GATEWAYS = ("direct", "trio-floor", "stack-floor", "quart-floor", "nginx", "sluice")
 #: measured only when asked for (--gateways), or by the scenarios that compare them
 EXTRA_GATEWAYS = ("sluice-features", "sluice-2w")
 BENCH_KEY = "sk-bench-virtual-key"
@@ -131,6 +133,8 @@ def target(name: str, upstream_port: int, sluice_args: list[str] | None = None) 
     workdir = None
     if name == "trio-floor":
         cmd = [sys.executable, "-m", "benchmarks.floor", str(port), str(upstream_port)]
+    elif name == "quart-floor":
+        cmd = [sys.executable, "-m", "benchmarks.quart_floor", str(port), str(upstream_port)]
     elif name == "stack-floor":
         cmd = [sys.executable, "-m", "benchmarks.stack_floor", str(port), str(upstream_port)]
     elif name == "sluice":
