@@ -30,9 +30,11 @@ Invariants:
   what ``aiter_raw()`` would have returned (``tests/test_upstream_body.py``
   checks it over TCP and TLS, for every split of head and body).
 * A connection goes back to the pool only after its body was read to the
-  last chunk with nothing after it; any other exit (cancelled, broken,
-  malformed, bytes after the end) leaves h11 mid-response, so
-  ``response.aclose()`` closes the connection.
+  last chunk; any other exit (cancelled, broken, malformed) leaves h11
+  mid-response, so ``response.aclose()`` closes the connection. Bytes after
+  the last chunk keep the connection out of the pool too, except while h11
+  is still fed in lockstep: it then judges them itself, as it would through
+  ``aiter_raw()``.
 * Errors are httpx2's: :class:`httpx2.ReadError` for a broken connection,
   :class:`httpx2.RemoteProtocolError` for bad framing or a body cut short.
 * Any response this module cannot read that way (HTTP/2, a length-delimited

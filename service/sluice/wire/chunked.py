@@ -115,28 +115,23 @@ class ChunkedDecoder:
 
     def _read_size_line(self, data: bytes, position: int) -> int:
         # As h11 reads it: the line runs to the first CRLF (a CR split from its
-        # LF across reads is found once the LF arrives).
+        # LF across reads is found once the LF arrives). A partial line held
+        # from the last read is joined to this one; otherwise `data` is
+        # searched in place (no copy of the rest of the read per chunk).
         if self._line:
-            joined = self._line + data[position:]
-            end = joined.find(b"\r\n")
-            if end < 0:
-                self._line = joined
-                if len(joined) > MAX_LINE:
-                    raise ChunkedFramingError("chunk-size line too long")
-                return len(data)
-            line = joined[:end]
-            consumed = end + 2 - len(self._line)
-            self._line = b""
-            next_position = position + consumed
+            buffer, start = self._line + data[position:], 0
+            shift = len(self._line) - position  # buffer index - shift = data index
         else:
-            end = data.find(b"\r\n", position)
-            if end < 0:
-                self._line = data[position:]
-                if len(self._line) > MAX_LINE:
-                    raise ChunkedFramingError("chunk-size line too long")
-                return len(data)
-            line = data[position:end]
-            next_position = end + 2
+            buffer, start, shift = data, position, 0
+        end = buffer.find(b"\r\n", start)
+        if end < 0:
+            self._line = buffer[start:]
+            if len(self._line) > MAX_LINE:
+                raise ChunkedFramingError("chunk-size line too long")
+            return len(data)
+        line = buffer[start:end]
+        self._line = b""
+        next_position = end + 2 - shift
         match = _SIZE_LINE.fullmatch(line)
         if match is None:
             raise ChunkedFramingError(f"illegal chunk header: {line[:40]!r}")
