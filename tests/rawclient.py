@@ -233,3 +233,88 @@ class H2Client:
         if self.stream.socket.fileno() != -1:
             self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await self.stream.aclose()
+
+
+# --- keep-alive connections (appended) ------------------------------------------------
+
+
+class RawConnection:
+    """One HTTP/1.1 connection kept alive across requests, as a pooling client uses it.
+
+    h11 frames each exchange and starts the next cycle, so a test can send a
+    request, read its response, and send the next request on the same socket,
+    exactly what ``httpx`` and the ``openai`` SDK do with a pooled connection.
+    :meth:`send_raw` writes bytes no well-behaved client would (a partial
+    head, conflicting framing headers).
+    """
+
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
+        self.stream = stream
+        self.host = host
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, url: str) -> RawConnection:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+        return cls(stream, f"{parts.hostname}:{parts.port}")
+
+    async def send_request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        *,
+        headers: dict[str, str] | None = None,
+        pause_after: int | None = None,
+    ) -> None:
+        """Send a whole request; with ``pause_after``, only that much of the body at first, the rest 0.3 s later.
+
+        The pause gives the server time to answer from the head alone, before
+        the body is in, as it does when it refuses a request early.
+        """
+        request_headers = [("host", self.host), *((headers or {}).items())]
+        if body or method == "POST":
+            request_headers.append(("content-length", str(len(body))))
+        head = self.conn.send(h11.Request(method=method, target=path, headers=request_headers))
+        rest = (self.conn.send(h11.Data(data=body)) if body else b"") + self.conn.send(h11.EndOfMessage())
+        data = head + rest
+        if pause_after is not None:
+            cut = len(head) + pause_after
+            await self.stream.send_all(data[:cut])
+            await trio.sleep(0.3)
+            data = data[cut:]
+        await self.stream.send_all(data)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def read_response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next response; afterwards the connection is ready for the next request (if kept alive)."""
+        status, headers, body = 0, {}, bytearray()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                return status, headers, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("the server closed the connection before a response")
+
+    async def read_until_eof(self) -> bytes:
+        """Everything the server sends until it closes the connection."""
+        received = bytearray()
+        while chunk := await self.stream.receive_some(65536):
+            received += chunk
+        return bytes(received)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

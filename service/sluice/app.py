@@ -32,11 +32,11 @@ import trio
 from quart import Response, g, request
 from quart_cors import cors
 from quart_trio import QuartTrio
-from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
 from . import errors
 from .config import Settings
+from .connection import KeepAliveHTTPConnection
 from .logs import redact
 from .limits import KeyTable, LimitStore, LocalLimitStore, VirtualKey
 from .metrics import GatewayMetrics, StreamStats
@@ -92,8 +92,8 @@ class GatewayState:
             relay.shut_down()
 
 
-class GatewayHTTPConnection(TrioASGIHTTPConnection):
-    """Quart-trio's connection handler, plus a guarantee: the request's relay is released.
+class GatewayHTTPConnection(KeepAliveHTTPConnection):
+    """The keep-alive-safe connection handler, plus a guarantee: the request's relay is released.
 
     A client can leave before the response head is sent, or between the head
     and the first body write; then Quart never enters the relay's body, and

@@ -71,6 +71,12 @@ class InvalidJSON(InvalidRequest):
     code = "invalid_json"
 
 
+class ConflictingFraming(InvalidRequest):
+    """``Content-Length`` and ``Transfer-Encoding`` in one HTTP/1.1 request (RFC 9112 6.3: reject and close)."""
+
+    code = "conflicting_framing"
+
+
 class Unauthorized(SluiceError):
     status = 401
     type = "invalid_request_error"
@@ -168,6 +174,14 @@ class Overloaded(SluiceError):
     status = 503
     type = "server_error"
     code = "overloaded"
+
+
+class TooManyConnections(SluiceError):
+    """The worker is out of file descriptors; a new connection is answered with this and closed."""
+
+    status = 503
+    type = "server_error"
+    code = "too_many_connections"
 
 
 class ShuttingDown(SluiceError):
