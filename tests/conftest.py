@@ -13,10 +13,10 @@ from typing import Any
 import httpx2
 import pytest
 import trio
-from hypercorn.trio import serve
 
 from sluice.app import create_app
 from sluice.config import Settings
+from sluice.http_server import serve
 from sluice.server import hypercorn_config, listening_socket
 from sluice.simulator import Simulator
 

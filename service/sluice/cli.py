@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, help="on SIGTERM, seconds streams may finish before they end with an error event [SLUICE_DRAIN_TIMEOUT, default 10]")
     serve.add_argument("--api-keys", help="comma-separated gateway keys clients must send as Bearer tokens [SLUICE_API_KEYS; default: open]")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS [SLUICE_CORS_ORIGINS; default: CORS off]")
+    serve.add_argument("--keep-alive-timeout", type=float, help="seconds an idle keep-alive connection is kept [SLUICE_KEEP_ALIVE_TIMEOUT, default 75]")
+    serve.add_argument("--request-head-timeout", type=float, help="seconds a connection may take to send a request head [SLUICE_REQUEST_HEAD_TIMEOUT, default 10]")
     serve.add_argument("--client-sndbuf", type=int, help="SO_SNDBUF of client connections, bytes [SLUICE_CLIENT_SNDBUF; default: kernel autotuning]")
     serve.add_argument("--redis-url", help="Redis shared by workers and instances for key limits and cooldowns, e.g. redis://127.0.0.1:6379/0 [SLUICE_REDIS_URL; default: in-process]")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR [SLUICE_LOG_LEVEL, default INFO]")

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     #: origins allowed by CORS; empty = CORS off (no Access-Control-* headers)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: an idle keep-alive connection is closed after this long without a request (seconds)
+    keep_alive_timeout: float = Field(default=75.0, gt=0)
+    #: a connection must send a complete request head within this long of opening, or
+    #: of the first byte of its next request (seconds)
+    request_head_timeout: float = Field(default=10.0, gt=0)
     #: SO_SNDBUF of client connections in bytes; unset = kernel autotuning
     client_sndbuf: int | None = Field(default=None, ge=1024)
 

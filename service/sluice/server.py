@@ -7,6 +7,12 @@ Why each hypercorn setting:
 * ``backlog = 4096``: the default (100) drops a burst of connects into SYN
   retries (1 s, 3 s stalls) before the gateway ever sees them.
 * ``graceful_timeout``: on shutdown, in-flight streams get this long to finish.
+* ``keep_alive_timeout`` / ``request_head_timeout``: how long a connection
+  may sit idle between requests / take to send a request head
+  (:mod:`sluice.http_server` gives the second its own deadline).
+
+It is served by :func:`sluice.http_server.serve`, hypercorn's trio worker
+loop with Sluice's connection handler and listener.
 
 The gateway creates its listening socket itself and hands it to hypercorn
 as ``fd://N``: that is how per-connection options hypercorn does not know
@@ -22,11 +28,9 @@ import socket
 from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
-
 from .app import create_app
 from .config import Settings
+from .http_server import GatewayConfig, serve
 
 
 def listening_socket(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
@@ -53,14 +57,15 @@ def listening_socket(settings: Settings, *, reuse_port: bool = False) -> socket.
     return sock
 
 
-def hypercorn_config(settings: Settings, sock: socket.socket) -> Config:
-    config = Config()
+def hypercorn_config(settings: Settings, sock: socket.socket) -> GatewayConfig:
+    config = GatewayConfig()
     # detach(): hypercorn's own socket object takes the descriptor over; ours
     # must not close it when it is garbage-collected.
     config.bind = [f"fd://{sock.detach()}"]
     config.backlog = 4096
     config.read_timeout = None
-    config.keep_alive_timeout = 75.0
+    config.keep_alive_timeout = settings.keep_alive_timeout
+    config.request_head_timeout = settings.request_head_timeout
     config.graceful_timeout = 5.0
     config.accesslog = None
     # hypercorn's own messages go through our JSON handler, once.
