@@ -400,7 +400,8 @@ def create_app(settings: Settings) -> SluiceApp:
     async def health() -> Response:
         status = "draining" if state.draining else "ok"
         body: dict[str, Any] = {"status": status, "active_streams": state.metrics.active_streams}
-        body["redis"] = getattr(state.limits, "status", "off")  # only the Redis store has one
+        probe_redis = getattr(state.limits, "probe", None)  # only the Redis store has one
+        body["redis"] = await probe_redis() if probe_redis is not None else "off"
         body["process"] = process_figures()
         return Response(json.dumps(body), status=503 if state.draining else 200, content_type="application/json")
 
