@@ -84,9 +84,14 @@ class EchoUpstream:
 
     @staticmethod
     async def _send(
-        stream: trio.SocketStream, http: h11.Connection, status: int, content_type: str, *parts: bytes
+        stream: trio.SocketStream,
+        http: h11.Connection,
+        status: int,
+        content_type: str,
+        *parts: bytes,
+        headers: list[tuple[str, str]] | None = None,
     ) -> None:
-        data = http.send(h11.Response(status_code=status, headers=[("content-type", content_type)]))
+        data = http.send(h11.Response(status_code=status, headers=[("content-type", content_type), *(headers or [])]))
         for part in parts:
             data += http.send(h11.Data(data=part))
         await stream.send_all(data + http.send(h11.EndOfMessage()))
@@ -103,7 +108,8 @@ class EchoUpstream:
             kind, said = "400", f"Unsupported prompt: {json.loads(raw)['messages'][-1]['content']}"
         if kind.isdigit():
             body = json.dumps({"error": {"message": said, "type": "invalid_request_error", "param": None, "code": "echo"}})
-            await self._send(stream, http, int(kind), "application/json", body.encode())
+            # retry-after-ms is one of the headers the gateway relays: quote the key there too.
+            await self._send(stream, http, int(kind), "application/json", body.encode(), headers=[("retry-after-ms", auth)])
         elif kind == "midstream":
             chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,
                      "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}

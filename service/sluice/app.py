@@ -138,7 +138,8 @@ def error_response(error: errors.SluiceError, scrubber: Scrubber | None = None) 
         body = scrubber.scrub(body)
     response = Response(body, status=error.status, content_type="application/json")
     for name, value in error.headers.items():
-        response.headers[name] = value
+        # Some (retry-after) are copied from the upstream's response: its words too.
+        response.headers[name] = scrubber.scrub_text(value) if scrubber is not None else value
     return response
 
 
