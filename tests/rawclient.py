@@ -40,12 +40,13 @@ class RawStream:
     async def open(
         cls,
         url: str,
-        body: dict[str, Any],
+        body: dict[str, Any] | None,
         *,
         headers: dict[str, str] | None = None,
         rcvbuf: int | None = None,
         path: str = "/v1/chat/completions",
     ) -> RawStream:
+        """POST ``body`` as JSON to ``path``; with ``body=None``, a GET of ``path``."""
         parts = urlsplit(url)
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         if rcvbuf is not None:
@@ -54,16 +55,19 @@ class RawStream:
         await sock.connect((parts.hostname, parts.port))
         raw = cls(trio.SocketStream(sock))
         cls.opened.append(raw)
-        payload = json.dumps(body).encode()
+        payload = json.dumps(body).encode() if body is not None else b""
         request_headers = [
             ("host", f"{parts.hostname}:{parts.port}"),
-            ("content-type", "application/json"),
+            *([("content-type", "application/json")] if body is not None else []),
             ("content-length", str(len(payload))),
             ("connection", "close"),
             *((headers or {}).items()),
         ]
-        data = raw.conn.send(h11.Request(method="POST", target=path, headers=request_headers))
-        data += raw.conn.send(h11.Data(data=payload)) + raw.conn.send(h11.EndOfMessage())
+        method = "POST" if body is not None else "GET"
+        data = raw.conn.send(h11.Request(method=method, target=path, headers=request_headers))
+        if payload:
+            data += raw.conn.send(h11.Data(data=payload))
+        data += raw.conn.send(h11.EndOfMessage())
         await raw.stream.send_all(data)
         return raw
 

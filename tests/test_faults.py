@@ -84,7 +84,7 @@ async def test_persistent_upstream_failures_become_502_or_504(
     assert simulator.stats.requests_started == 3  # retry_max_attempts
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+@pytest.mark.parametrize("status", [400, 404, 422])
 async def test_upstream_4xx_is_relayed_with_its_status_and_body_without_retry(
     http: httpx2.AsyncClient, simulator: RunningSimulator, status: int
 ) -> None:
@@ -92,6 +92,19 @@ async def test_upstream_4xx_is_relayed_with_its_status_and_body_without_retry(
     response = await http.post("/v1/chat/completions", json=chat_body(model))
     assert response.status_code == status
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert simulator.stats.requests_started == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_upstream_401_and_403_are_a_502_about_the_gateways_credentials_without_retry(
+    http: httpx2.AsyncClient, simulator: RunningSimulator, status: int
+) -> None:
+    # The upstream refused the operator's key: relaying its 401 would tell the
+    # client (and its SDK) that the client's own key is wrong.
+    model = f"sim:fault=status,status_code={status},fault_key=a{status}"
+    response = await http.post("/v1/chat/completions", json=chat_body(model))
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_auth_failed"
     assert simulator.stats.requests_started == 1
 
 

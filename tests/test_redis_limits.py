@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,15 @@ from deploy.fleet import ensure_binary, free_port, redis_ready
 from sluice.config import DeploymentConfig, ModelConfig, VirtualKeyConfig
 
 from .rawclient import RawStream
-from .support import GatewayFactory, RunningSimulator, SimulatorFactory, chat_body, stream_chat, wait_until
+from .support import (
+    GatewayFactory,
+    RunningSimulator,
+    SimulatorFactory,
+    chat_body,
+    stream_chat,
+    wait_until,
+    wait_until_async,
+)
 
 KEY = "sk-shared-team-key"
 
@@ -33,24 +42,65 @@ def team_key(monkeypatch: pytest.MonkeyPatch) -> str:
     return KEY
 
 
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    binary = ensure_binary("redis-server", ["redis-server"])
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+class RedisServer:
+    """A redis-server on a loopback port of its own, which a test can stop and start again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = ensure_binary("redis-server", ["redis-server"])
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 20
-        while not redis_ready(port):
+        while not redis_ready(self.port):
+            assert self.process.poll() is None, "redis-server exited"
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()  # by its own PID
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def info(self, section: str) -> str:
+        """``INFO <section>`` on a fresh connection (a bulk reply: ``$<length>\\r\\n<text>\\r\\n``)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(f"INFO {section}\r\n".encode())
+            reply = b""
+            while b"\r\n" not in reply:
+                reply += sock.recv(65536)
+            head, _, text = reply.partition(b"\r\n")
+            length = int(head[1:])
+            while len(text) < length:
+                text += sock.recv(65536)
+            return text[:length].decode()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 def limited(**limits: int) -> list[VirtualKeyConfig]:
@@ -165,3 +215,52 @@ async def test_a_cooldown_decided_by_one_gateway_rests_the_deployment_for_the_ot
         for _ in range(5):
             assert (await http.post(second.url + "/v1/chat/completions", json=chat_body("m", stream=False))).status_code == 200
     assert failing.stats.requests_started == 1  # the second gateway never tried it
+
+
+async def _redis_health(url: str) -> str:
+    async with httpx2.AsyncClient(timeout=30) as http:
+        health: str = (await http.get(url + "/health")).json()["redis"]
+    return health
+
+
+async def test_health_reports_redis_down_and_back_without_any_keyed_request(
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateway = await start_gateway(redis_url=redis_server.url)  # no keys: nothing else ever talks to Redis
+    assert await _redis_health(gateway.url) == "ok"
+    redis_server.stop()
+
+    async def says(status: str) -> bool:
+        return await _redis_health(gateway.url) == status
+
+    await wait_until_async(lambda: says("unreachable"), timeout=30)
+    redis_server.start()
+    await wait_until_async(lambda: says("ok"), timeout=30)
+
+
+def _pings(redis_server: RedisServer) -> int:
+    for line in redis_server.info("commandstats").splitlines():
+        if line.startswith("cmdstat_ping:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def test_a_storm_of_health_checks_pings_redis_about_once_a_second(
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateway = await start_gateway(redis_url=redis_server.url)
+    before = _pings(redis_server)
+    started = trio.current_time()
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=30) as http:
+
+        async def check_health() -> None:
+            for _ in range(20):
+                assert (await http.get("/health")).json()["redis"] == "ok"
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(check_health)
+    elapsed = trio.current_time() - started
+    pings = _pings(redis_server) - before
+    # 200 health checks; one PING per second of them (plus the one at either end).
+    assert 1 <= pings <= int(elapsed) + 2, (pings, elapsed)

@@ -17,6 +17,12 @@ Invariants:
 * Every admitted request is released exactly once (same ``finally``), so a
   key's concurrent-stream count cannot leak.
 * Every response carries ``x-request-id`` (the client's, or a new one).
+* No configured secret reaches a client in bytes the gateway relays from an
+  upstream: error responses, the final event of a stream, non-streamed
+  completions and the upstream's model list go through the full
+  :class:`~sluice.redaction.Scrubber` (provider and gateway keys); streamed
+  content through one holding only the provider keys (see
+  :func:`create_app`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from .metrics import GatewayMetrics, StreamStats
 from .policies import BACKPRESSURE_HEADER, choose_backpressure
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import PrometheusMetrics
+from .redaction import Scrubber
 from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
 from .simulator import Simulator
@@ -77,6 +84,10 @@ class GatewayState:
     relays: set[StreamRelay] = field(default_factory=set)
     #: set on SIGTERM/SIGINT: /health answers 503 and new streams are refused
     draining: bool = False
+    #: every configured secret: scrubbed from errors, completions, model lists, final events
+    scrubber: Scrubber = field(default_factory=Scrubber)
+    #: the provider keys only (what an upstream was ever sent): scrubbed from streamed content
+    stream_scrubber: Scrubber = field(default_factory=Scrubber)
 
     def __post_init__(self) -> None:
         self.metrics = GatewayMetrics(self.prometheus)
@@ -121,10 +132,14 @@ class SluiceApp(QuartTrio):
     asgi_http_class = GatewayHTTPConnection  # type: ignore[assignment]
 
 
-def error_response(error: errors.SluiceError) -> Response:
-    response = Response(error.to_json_bytes(), status=error.status, content_type="application/json")
+def error_response(error: errors.SluiceError, scrubber: Scrubber | None = None) -> Response:
+    body = error.to_json_bytes()
+    if scrubber is not None:
+        body = scrubber.scrub(body)
+    response = Response(body, status=error.status, content_type="application/json")
     for name, value in error.headers.items():
-        response.headers[name] = value
+        # Some (retry-after) are copied from the upstream's response: its words too.
+        response.headers[name] = scrubber.scrub_text(value) if scrubber is not None else value
     return response
 
 
@@ -146,11 +161,18 @@ def create_app(settings: Settings) -> SluiceApp:
     )
     state = GatewayState(settings)
     app.extensions["sluice"] = state
-    redact(
+    provider_keys = [
         settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None,
         *(os.environ.get(d.api_key_env or "") for m in settings.models for d in m.deployments),
-        *(key.secret.decode() for key in state.keys.keys),
-    )
+    ]
+    gateway_keys = [key.secret.decode() for key in state.keys.keys]
+    redact(*provider_keys, *gateway_keys)
+    state.scrubber = Scrubber([*provider_keys, *gateway_keys])
+    # Streamed content is scanned on every upstream read, so only for what an
+    # upstream could echo: the keys it was sent. Gateway keys never go
+    # upstream (requests carry the deployment's key, not the client's), and a
+    # table of thousands of them would cost a scan each per read.
+    state.stream_scrubber = Scrubber(provider_keys)
 
     @app.before_serving
     async def start_upstream() -> None:
@@ -261,7 +283,8 @@ def create_app(settings: Settings) -> SluiceApp:
 
     @app.errorhandler(errors.SluiceError)
     async def on_sluice_error(error: errors.SluiceError) -> Response:
-        return error_response(error)
+        # An upstream's error body, or its words in the message, may quote a key.
+        return error_response(error, state.scrubber)
 
     @app.errorhandler(HTTPException)
     async def on_http_error(error: HTTPException) -> Response:
@@ -324,7 +347,9 @@ def create_app(settings: Settings) -> SluiceApp:
 
         metrics.stream_started()
         if not parsed.stream:
-            return await _complete(router, route, parsed, stats, metrics, count_attempt, settings.completion_timeout)
+            return await _complete(
+                router, route, parsed, stats, metrics, count_attempt, settings.completion_timeout, state.scrubber
+            )
 
         async def open_upstream() -> Any:
             return await router.open_stream(route, parsed, on_attempt=count_attempt)
@@ -348,6 +373,8 @@ def create_app(settings: Settings) -> SluiceApp:
             open_hedge=open_hedge,
             hedge_delay=route.hedge_delay(settings.hedge_min_samples),
             observe_first_token=lambda seconds: router.observe_first_token(route, seconds),
+            scrubber=state.scrubber,
+            stream_scrubber=state.stream_scrubber,
         )
         request.scope[_RELAY_SCOPE_KEY] = relay
         state.relays.add(relay)
@@ -364,7 +391,7 @@ def create_app(settings: Settings) -> SluiceApp:
         if router.passthrough is None:
             return Response(router.models_document(), status=200, content_type="application/json")
         upstream_response = await router.default_client.list_models()
-        return Response(upstream_response.content, status=200, content_type="application/json")
+        return Response(state.scrubber.scrub(upstream_response.content), status=200, content_type="application/json")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -374,7 +401,8 @@ def create_app(settings: Settings) -> SluiceApp:
     async def health() -> Response:
         status = "draining" if state.draining else "ok"
         body: dict[str, Any] = {"status": status, "active_streams": state.metrics.active_streams}
-        body["redis"] = getattr(state.limits, "status", "off")  # only the Redis store has one
+        probe_redis = getattr(state.limits, "probe", None)  # only the Redis store has one
+        body["redis"] = await probe_redis() if probe_redis is not None else "off"
         body["process"] = process_figures()
         return Response(json.dumps(body), status=503 if state.draining else 200, content_type="application/json")
 
@@ -415,8 +443,9 @@ async def _complete(
     metrics: GatewayMetrics,
     count_attempt: Any,
     timeout: float,
+    scrubber: Scrubber,
 ) -> Response:
-    """A non-streaming completion: relay the upstream's JSON and status as they are."""
+    """A non-streaming completion: relay the upstream's JSON and status, configured secrets scrubbed."""
     try:
         with trio.move_on_after(timeout) as deadline:
             upstream_response, deployment = await router.complete(route, parsed, on_attempt=count_attempt)
@@ -437,7 +466,9 @@ async def _complete(
         stats.ended_at = trio.current_time()
         metrics.stream_finished(stats)
         logging.getLogger("sluice.stream").info({"event": "completion", **stats.figures()})
-    response = Response(upstream_response.content, status=upstream_response.status_code, content_type="application/json")
+    response = Response(
+        scrubber.scrub(upstream_response.content), status=upstream_response.status_code, content_type="application/json"
+    )
     response.headers["x-sluice-deployment"] = deployment.name
     return response
 

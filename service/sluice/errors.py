@@ -9,7 +9,9 @@ error becomes a 4xx/5xx response before the stream starts or a final
 
 Invariant: messages never contain upstream credentials. The gateway builds
 its messages from its own text and the upstream's status, never from the
-request it sent upstream.
+request it sent upstream; where a message or body quotes the upstream's own
+words, the app scrubs every configured secret from it on the way out
+(:mod:`sluice.redaction`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,18 @@ class UpstreamStatusError(SluiceError):
         if self.body is not None:
             return self.body
         return super().to_dict()
+
+
+class UpstreamAuthFailed(SluiceError):
+    """The upstream refused the gateway's own credentials (its 401/403): the operator's problem.
+
+    Never relayed as a 401: the client's SDK would report the *client's* key
+    as invalid. The upstream's body (which may quote the key) is not relayed.
+    """
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_auth_failed"
 
 
 class UpstreamUnavailable(SluiceError):

@@ -20,6 +20,12 @@ Invariants:
 * A concurrent-stream slot is a member of a sorted set scored by its start
   time; a slot whose gateway died without releasing it expires after
   ``lease_ttl`` seconds instead of holding the limit forever.
+* ``/health`` reports what Redis says now, not what the last keyed request
+  found: :meth:`RedisLimitStore.probe` PINGs (bounded by ``timeout``) at most
+  once per ``probe_interval`` and at most one at a time, so a storm of health
+  checks costs Redis one PING a second. A probe's verdict also steers
+  ``admit``: a failed PING sends requests to the local store, a good one
+  sends them back to Redis at once.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class RedisLimitStore:
         timeout: float = 0.25,
         retry_after: float = 5.0,
         lease_ttl: float = 3600.0,
+        probe_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
@@ -98,6 +105,9 @@ class RedisLimitStore:
         self._down_until = float("-inf")
         #: ``ok`` or ``unreachable``, for /health
         self.status = "ok"
+        self._probe_interval = probe_interval
+        self._probed_at = float("-inf")
+        self._probing = False
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the client's connection pool open until cancelled (run in the app's nursery)."""
@@ -123,6 +133,24 @@ class RedisLimitStore:
         if self.status != "ok":
             log.warning({"event": "redis_recovered", "url": _without_password(self.url)})
         self.status = "ok"
+
+    async def probe(self) -> str:
+        """Redis's status for ``/health``: a fresh PING's verdict, at most ``probe_interval`` old."""
+        if self._probing or trio.current_time() - self._probed_at < self._probe_interval:
+            return self.status
+        self._probing = True
+        try:
+            with trio.fail_after(self._timeout):
+                await self._client.ping()
+        except Exception as exc:  # ConnectionError, TooSlowError, ExceptionGroup...
+            self._failed(exc)
+        else:
+            self._recovered()
+            self._down_until = float("-inf")  # admit through Redis again without waiting out retry_after
+        finally:
+            self._probed_at = trio.current_time()
+            self._probing = False
+        return self.status
 
     async def admit(self, key: VirtualKey) -> Any:
         if self._available():

@@ -28,6 +28,10 @@ Invariants:
   channel (pings are comments, not content).
 * At most ``capacity`` batches are queued per stream: the channel's capacity
   is the stream's memory bound in the gateway.
+* No configured secret reaches the client: the terminal event (an upstream's
+  error event, or a gateway error quoting the upstream) goes through the full
+  scrubber; streamed content, whole events per upstream read, through the
+  provider-key scrubber (a few ``in`` scans per read, none without keys).
 
 Hedging (a model with ``hedge_after_ms``/``hedge_after``): if no token has
 arrived by the hedge delay, a second producer starts the same request on
@@ -59,6 +63,7 @@ from .errors import (
 )
 from .metrics import GatewayMetrics, StreamStats
 from .policies import Backpressure
+from .redaction import Scrubber
 from .router import Deployment, OpenedStream
 from .upstream_body import UpstreamBody
 from .wire.openai import coalesce_events
@@ -112,6 +117,8 @@ class StreamRelay(ResponseBody):
         open_hedge: OpenHedge | None = None,
         hedge_delay: float | None = None,
         observe_first_token: Callable[[float], None] | None = None,
+        scrubber: Scrubber | None = None,
+        stream_scrubber: Scrubber | None = None,
     ) -> None:
         self._open_upstream = open_upstream
         self._open_hedge = open_hedge if hedge_delay is not None else None
@@ -126,6 +133,9 @@ class StreamRelay(ResponseBody):
         self._idle_timeout = idle_timeout
         self._ping_interval = ping_interval
         self._reopens_left = max_reopens
+        self._scrubber = scrubber or Scrubber()
+        #: ``None`` when there is nothing to scan for: the hot path pays one ``is None``
+        self._scrub_content = stream_scrubber.scrub if stream_scrubber else None
 
         self._producers: list[_Producer] = []
         #: the producer whose upstream serves the stream (set by :meth:`_claim`)
@@ -277,7 +287,7 @@ class StreamRelay(ResponseBody):
         else:
             stats.outcome = "done"
             terminal = DONE_EVENT
-        return comment_event(stats.comment_text()) + terminal
+        return comment_event(stats.comment_text()) + self._scrubber.scrub(terminal)
 
     # --- the producer ------------------------------------------------------------------
 
@@ -379,6 +389,7 @@ class StreamRelay(ResponseBody):
     async def _pump(self, send_channel: trio.MemorySendChannel[bytes], producer: _Producer) -> None:
         stats = self.stats
         framer = EventFramer()
+        scrub_content = self._scrub_content
         deadline_at = self._first_token_deadline
         idle_timeout = self._idle_timeout
         # Moving a scope's deadline costs trio a heap update and a context
@@ -400,6 +411,9 @@ class StreamRelay(ResponseBody):
                         while chunk := await body.read():
                             payload = framer.feed(chunk)
                             if payload:
+                                if scrub_content is not None:
+                                    # Whole events: a key cannot straddle two payloads.
+                                    payload = scrub_content(payload)
                                 if not producer.forwarded:
                                     if not self._claim(producer):
                                         return  # another request won the race

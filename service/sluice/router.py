@@ -129,8 +129,10 @@ class RouterEvents:
 def fails_over(error: errors.SluiceError) -> bool:
     """Would another deployment plausibly succeed where this one failed?"""
     if isinstance(error, errors.UpstreamStatusError):
-        return error.status in (401, 403, 404, 408, 429) or error.status >= 500
-    return isinstance(error, (errors.UpstreamUnavailable, errors.UpstreamTimeout))
+        return error.status in (404, 408, 429) or error.status >= 500
+    # UpstreamAuthFailed: the deployment's own key was refused (its 401/403);
+    # another deployment has another key.
+    return isinstance(error, (errors.UpstreamUnavailable, errors.UpstreamTimeout, errors.UpstreamAuthFailed))
 
 
 class Router:

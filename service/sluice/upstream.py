@@ -14,7 +14,12 @@ Invariants:
 * Retries run only here, only before any byte of a body was handed out, and
   only for connect errors/timeouts and 429/500/502/503/504.
 * The API key goes only into the ``Authorization`` header; it is never logged
-  and never part of an error message.
+  and never part of an error message the gateway writes. Upstream text that
+  is relayed (error bodies, messages quoting them) is scrubbed by the app on
+  the way out (:mod:`sluice.redaction`).
+* An upstream 401/403 means the gateway's own credentials were refused: it
+  becomes :class:`~sluice.errors.UpstreamAuthFailed` (502), never a 401 that
+  would tell the client its own key is wrong.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 import httpx2
 import trio
 
-from .errors import SluiceError, UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
+from .errors import SluiceError, UpstreamAuthFailed, UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
 from .policies import RETRIABLE_STATUSES, RetriableUpstreamError, RetryPolicy, parse_retry_after
 
 #: error bodies larger than this are cut; an error message is never megabytes
@@ -182,7 +187,15 @@ def _status_failure(response: httpx2.Response) -> Exception:
     for name in ("retry-after", "retry-after-ms"):
         if name in response.headers:
             headers[name] = response.headers[name]
-    if status < 500:
+    error: SluiceError
+    if status in (401, 403):
+        # The operator's key, not the client's: say so without the provider's
+        # body (it may quote the key, and it names "your API key").
+        error = UpstreamAuthFailed(
+            f"The gateway's credentials for the upstream were refused (upstream status {status}).",
+            headers=headers,
+        )
+    elif status < 500:
         # The client's problem as the provider described it: relayed as it is.
         error = UpstreamStatusError(status, f"The upstream answered {status}.", body=body, headers=headers)
     else:
