@@ -292,7 +292,7 @@ def create_app(settings: Settings) -> SluiceApp:
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         raw = await request.get_data(cache=False)
-        parsed = parse_chat_request(raw)  # type: ignore[arg-type]
+        parsed = parse_chat_request(raw, max_model_name_length=settings.max_model_name_length)  # type: ignore[arg-type]
         g.model = parsed.model.model
         policy = choose_backpressure(
             request.headers.get(BACKPRESSURE_HEADER), parsed.model.backpressure_strategy, settings.backpressure
