@@ -66,7 +66,7 @@ class GatewayState:
     """Everything the routes share within one worker."""
 
     settings: Settings
-    prometheus: PrometheusMetrics = field(default_factory=PrometheusMetrics)
+    prometheus: PrometheusMetrics = field(init=False)
     metrics: GatewayMetrics = field(init=False)
     router: Router | None = None
     keys: KeyTable = field(init=False)
@@ -79,6 +79,9 @@ class GatewayState:
     draining: bool = False
 
     def __post_init__(self) -> None:
+        self.prometheus = PrometheusMetrics(
+            max_label_values=self.settings.metrics_max_label_values, models=(m.name for m in self.settings.models)
+        )
         self.metrics = GatewayMetrics(self.prometheus)
         self.keys = KeyTable(self.settings)
 
@@ -184,7 +187,7 @@ def create_app(settings: Settings) -> SluiceApp:
             settings,
             base_url or "",
             RouterEvents(
-                attempt_failed=lambda code: prometheus.upstream_errors.labels(code).inc(),
+                attempt_failed=prometheus.upstream_failed,
                 deployment_failed=deployment_failed,
                 fell_back=lambda deployment: prometheus.fallbacks.labels(deployment.name).inc(),
                 cooled_down=cooled_down,
@@ -368,7 +371,9 @@ def create_app(settings: Settings) -> SluiceApp:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(state.prometheus.render(), status=200, content_type=PROMETHEUS_CONTENT_TYPE)
+        # Off the loop: a render costs CPU in proportion to the series, and every stream of this worker waits while the loop does.
+        body = await state.prometheus.render_off_loop()
+        return Response(body, status=200, content_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> Response:
