@@ -45,7 +45,7 @@ from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import PrometheusMetrics
 from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
-from .simulator import Simulator
+from .simulator import Simulator, SimulatorLimits
 from .wire.openai import parse_chat_request
 
 log = logging.getLogger("sluice")
@@ -159,7 +159,13 @@ def create_app(settings: Settings) -> SluiceApp:
     async def start_upstream() -> None:
         base_url = settings.upstream_base_url
         if base_url is None and not settings.models:
-            state.simulator = Simulator()
+            state.simulator = Simulator(
+                limits=SimulatorLimits(
+                    max_tokens=settings.simulator_max_tokens,
+                    max_stream_seconds=settings.simulator_max_stream_seconds,
+                    max_model_name_length=settings.max_model_name_length,
+                )
+            )
             port = await app.nursery.start(_serve_simulator, state)
             base_url = f"http://127.0.0.1:{port}/v1"
             log.info("no upstream configured: serving from the embedded simulator at %s", base_url)
