@@ -103,6 +103,16 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+#: built once: ``json.loads(raw, object_pairs_hook=...)`` would build a decoder and its scanner on every call
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _loads_unique(raw: bytes | str) -> Any:
+    """``json.loads`` (same encodings, same errors) refusing repeated keys with :class:`_DuplicateKey`."""
+    text = raw if isinstance(raw, str) else raw.decode(json.detect_encoding(raw), "surrogatepass")
+    return _DECODER.decode(text)
+
+
 class _Pairs(list[tuple[str, Any]]):
     """An object kept as its key/value pairs, to find where a duplicate sits (error path only)."""
 
@@ -143,7 +153,7 @@ def parse_chat_request(raw: bytes, *, max_model_name_length: int | None = None) 
     metrics label, a log field and a routing key, and must not carry megabytes.
     """
     try:
-        body = json.loads(raw, object_pairs_hook=_unique_keys)
+        body = _loads_unique(raw)
     except _DuplicateKey:
         raise _duplicate_key_error(raw) from None
     except (ValueError, RecursionError) as exc:
