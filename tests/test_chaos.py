@@ -390,7 +390,7 @@ async def test_client_dying_while_its_stream_channel_is_full_closes_the_upstream
     baseline = await warm_baseline(gateway)
     raw = await RawStream.open(
         gateway.url,
-        chat_body("sim:tokens=200000,itl_ms=0"),
+        chat_body("sim:tokens=100000,itl_ms=0"),
         headers={"x-sluice-backpressure": policy},
         rcvbuf=4096,
     )

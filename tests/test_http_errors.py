@@ -87,3 +87,25 @@ async def test_upstream_api_key_is_sent_upstream_and_never_shown(
     out, err = capfd.readouterr()
     for text in (ok.text, failed.text, metrics.text, out, err):
         assert secret not in text
+
+
+async def test_duplicate_keys_are_400_and_never_reach_the_upstream(client: httpx2.AsyncClient, simulator) -> None:
+    # The gateway would route on the last "model"; an upstream that keeps the first would serve another one.
+    raw = b'{"model":"sim:tokens=1","stream":false,"messages":[{"role":"user","content":"hi"}],"model":"sim:tokens=5"}'
+    response = await client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    error = assert_openai_error(response, 400)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "duplicate_key")
+    assert simulator.stats.requests_started == 0
+    # The same connection still serves the next request.
+    assert (await client.post("/v1/chat/completions", json=chat_body(stream=False))).status_code == 200
+
+
+async def test_a_model_name_over_the_limit_is_400(start_gateway: GatewayFactory, simulator) -> None:
+    gateway = await start_gateway(max_model_name_length=64)
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        response = await http.post("/v1/chat/completions", json=chat_body("sim:" + "x" * 100_000))
+        error = assert_openai_error(response, 400)
+        assert (error["type"], error["param"]) == ("invalid_request_error", "model")
+        assert len(response.content) < 1000  # the name is not echoed back
+        assert (await http.post("/v1/chat/completions", json=chat_body("s" * 64, stream=False))).status_code == 200
+    assert simulator.stats.requests_started == 1

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import httpx2
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from sluice.config import DeploymentConfig, ModelConfig
 from sluice.logs import JsonFormatter
 
 from .rawclient import RawStream
-from .support import Gateway, chat_body, stream_chat, wait_until
+from .support import Gateway, GatewayFactory, RunningSimulator, chat_body, stream_chat, wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -95,3 +98,66 @@ def test_registered_secrets_never_reach_a_log_line() -> None:
     record = logging.LogRecord("sluice", logging.WARNING, __file__, 1, "upstream said: bad key sk-super-secret-provider-key", None, None)
     line = JsonFormatter().format(record)
     assert "sk-super-secret-provider-key" not in line and "[redacted]" in line
+
+
+async def test_client_chosen_labels_are_bounded_and_configured_models_always_shown(
+    start_gateway: GatewayFactory, simulator: RunningSimulator
+) -> None:
+    gateway = await start_gateway(
+        metrics_max_label_values=5,
+        models=[
+            ModelConfig(name="gpt-public", deployments=[DeploymentConfig(base_url=simulator.base_url, model="sim:tokens=2")]),
+            ModelConfig(name="*", deployments=[DeploymentConfig(base_url=simulator.base_url)]),
+        ],
+    )
+    names = [f"sim:tokens=1,seed={i}" + "x" * 200 for i in range(40)]
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        for name in names:  # through the "*" route: each one a new client-chosen name
+            assert (await http.post("/v1/chat/completions", json=chat_body(name, stream=False))).status_code == 200
+        for status in (429, 500, 501, 502, 503, 504, 505, 418, 409, 410):  # upstream-chosen statuses and error codes
+            await http.post("/v1/chat/completions", json=chat_body(f"sim:fault=status,status_code={status}", stream=False))
+        # the configured model, asked for only after the budget is spent, still has its own series
+        assert (await http.post("/v1/chat/completions", json=chat_body("gpt-public", stream=False))).status_code == 200
+        text = (await http.get("/metrics")).text
+    got = samples(text)
+    models = {dict(labels)["model"] for name, labels in got if name == "sluice_requests_total"}
+    statuses = {dict(labels)["status"] for name, labels in got if name == "sluice_requests_total"}
+    codes = {dict(labels)["code"] for name, labels in got if name == "sluice_upstream_errors_total"}
+    assert "gpt-public" in models and "other" in models
+    assert len(models - {"gpt-public"}) <= 5 + 1  # the budget, plus "other"
+    assert len(statuses) <= 5 + 1 and "other" in statuses
+    assert len(codes) <= 5 + 1 and "other" in codes
+    # every request is still counted, folded or not
+    assert sum(v for (name, _), v in got.items() if name == "sluice_requests_total") == len(names) + 10 + 1
+    assert len(text) < 20_000  # the 200-character names would make the body grow with every new one
+
+
+async def test_metrics_render_in_a_thread_while_the_loop_keeps_serving(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+    released_by_test: list[bool] = []
+    prometheus = gateway.state.prometheus
+    real_render = prometheus.render
+
+    def blocking_render() -> bytes:
+        entered.set()
+        # On the event loop this would block the whole process (the test too) until the timeout.
+        released_by_test.append(release.wait(timeout=10))
+        return real_render()
+
+    monkeypatch.setattr(prometheus, "render", blocking_render)
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=30) as http:
+        async with trio.open_nursery() as nursery:
+            scraped: list[httpx2.Response] = []
+
+            async def scrape() -> None:
+                scraped.append(await http.get("/metrics"))
+
+            nursery.start_soon(scrape)
+            await wait_until(entered.is_set, timeout=20)
+            # the render is in progress: the same gateway still answers, and a stream still completes
+            assert (await http.get("/health")).status_code == 200
+            _, sse = await stream_chat(http, chat_body("sim:tokens=5"))
+            assert sse.ended_with_done
+            release.set()
+    assert released_by_test == [True]
+    assert scraped[0].status_code == 200 and "sluice_requests_total" in scraped[0].text

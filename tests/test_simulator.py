@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import httpx2
 import pytest
@@ -11,7 +12,7 @@ import trio
 from sluice.simulator import SimParamError, parse_behaviour, simulated_tokens
 
 from .rawclient import RawStream
-from .support import RunningSimulator, chat_body, parse_sse, wait_until
+from .support import GatewayFactory, RunningSimulator, chat_body, parse_sse, stream_chat, wait_until
 
 
 def test_behaviour_comes_from_the_model_name_and_headers_win() -> None:
@@ -175,3 +176,101 @@ async def test_odd_but_valid_json_content_does_not_crash_the_simulator(simulator
     async with httpx2.AsyncClient() as http:
         response = await http.post(simulator.base_url + "/chat/completions", content=body)
     assert response.status_code == 200 and parse_sse(response.content).ended_with_done
+
+
+# --- limits (issue 14) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "param"),
+    [
+        ("sim:tokens=100001", {}, "model"),
+        ("sim:tokens=1000000000", {}, "model"),
+        ("sim:tokens=60000", {"n": 2}, "n"),
+        ("sim:tokens=1000,itl_ms=1000", {}, "model"),  # 999 s scheduled
+        ("sim:ttft_ms=700000", {}, "model"),
+        ("sim:fault=stall,stall_ms=700000", {}, "model"),
+        ("sim:seed=" + "x" * 2000, {}, "model"),
+    ],
+)
+async def test_requests_over_a_limit_get_400_naming_the_param(
+    sim_http: httpx2.AsyncClient, simulator: RunningSimulator, model: str, extra: dict, param: str
+) -> None:
+    for stream in (True, False):
+        response = await sim_http.post("chat/completions", json=chat_body(model, stream=stream, **extra))
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", param)
+        assert set(error) == {"message", "type", "param", "code"}
+    assert simulator.stats.requests_started == 0
+
+
+async def test_the_limit_applies_to_what_is_generated(sim_http: httpx2.AsyncClient) -> None:
+    # max_tokens brings a huge sim:tokens under the limit: the limit is on what would be generated.
+    response = await sim_http.post("chat/completions", json=chat_body("sim:tokens=1000000000", stream=False, max_tokens=5))
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    status, raw = await _stream(sim_http, chat_body("sim:tokens=100000", content="cap"))
+    assert status == 200 and parse_sse(raw).ended_with_done
+
+
+async def test_the_embedded_simulator_refuses_over_its_limit_through_the_gateway(start_gateway: GatewayFactory) -> None:
+    gateway = await start_gateway(upstream_base_url=None, simulator_max_tokens=1000, simulator_max_stream_seconds=5)
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=30) as http:
+        for body in (
+            chat_body("sim:tokens=10000000"),
+            chat_body("sim:tokens=1001", stream=False),
+            chat_body("sim:tokens=600", n=2),
+            chat_body("sim:tokens=100,itl_ms=100"),
+        ):
+            response = await http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400, body
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] in ("model", "n")
+            assert "1000 tokens" in error["message"] or "5 s" in error["message"]
+        _, sse = await stream_chat(http, chat_body("sim:tokens=1000"))
+        assert sse.ended_with_done and sse.figures["tokens"] == 1000
+
+
+async def test_a_long_simulated_stream_holds_constant_memory_and_others_keep_flowing(start_gateway: GatewayFactory) -> None:
+    """The embedded simulator shares the gateway's process: a 100 000-token answer must not be built in memory."""
+    tokens = 100_000
+    gateway = await start_gateway(upstream_base_url=None)
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=60) as http:
+        await stream_chat(http, chat_body("sim:tokens=50"))  # warm up pools, caches and imports
+        small_done_while_big_ran: list[bool] = []
+        big_done = False
+        tracemalloc.start()
+        try:
+            baseline, _ = tracemalloc.get_traced_memory()
+
+            async def big() -> None:
+                nonlocal big_done
+                marker = b'"delta":{"content":'
+                seen, carry = 0, b""
+                with trio.fail_after(120):
+                    async with http.stream("POST", "/v1/chat/completions", json=chat_body(f"sim:tokens={tokens}")) as response:
+                        assert response.status_code == 200
+                        async for chunk in response.aiter_raw():  # read and drop: only the gateway's memory counts
+                            window = carry + chunk
+                            seen += window.count(marker)
+                            carry = window[-(len(marker) - 1) :]  # too short to hold a whole marker: none counted twice
+                assert carry.endswith(b"data: [DONE]\n\n") and seen == tokens
+                big_done = True
+
+            async def small() -> None:
+                await wait_until(lambda: gateway.state.metrics.active_streams >= 1)
+                _, sse = await stream_chat(http, chat_body("sim:tokens=5,itl_ms=5"))
+                small_done_while_big_ran.append(sse.ended_with_done and not big_done)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(big)
+                nursery.start_soon(small)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert small_done_while_big_ran == [True]
+    # The whole answer as a list of tokens would be ~6 MB; the relay holds at most
+    # buffer_size x 64 KiB (1 MiB) and the simulator one 64 KiB batch.
+    print(f"traced peak growth during the stream: {peak - baseline} bytes")
+    assert peak - baseline < 3_000_000, f"peak grew by {peak - baseline} bytes"

@@ -119,3 +119,35 @@ def test_coalescing_passes_unknown_events_through() -> None:
     merged, merged_away = coalesce_events(event("a") + odd + event("b"))
     assert merged_away == 0
     assert odd in merged
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model":"a","messages":[{"role":"user","content":"x"}],"model":"b"}', "model"),
+        (b'{"model":"a","n":1,"messages":[{"role":"user","content":"x"}],"n":5}', "n"),
+        (b'{"model":"a","messages":[{"role":"user","role":"system","content":"x"}]}', "messages[0].role"),
+        (b'{"model":"a","stream":true,"stream_options":{"include_usage":true,"include_usage":false},'
+         b'"messages":[{"role":"user","content":"x"}]}', "stream_options.include_usage"),
+        # the same key spelled with an escape is still the same key
+        (b'{"model":"a","messages":[{"role":"user","content":"x"}],"max_tokens":1,"max_\\u0074okens":9}', "max_tokens"),
+    ],
+)
+def test_duplicate_keys_are_refused_naming_where(raw: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_chat_request(raw)
+    assert caught.value.param == param
+    assert caught.value.code == "duplicate_key"
+
+
+def test_the_same_key_in_different_objects_is_fine() -> None:
+    raw = b'{"model":"a","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}]}'
+    assert parse_chat_request(raw).upstream_body is raw
+
+
+def test_a_model_name_over_the_limit_is_refused_without_echoing_it() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_chat_request(body(model="m" * 257), max_model_name_length=256)
+    assert caught.value.param == "model"
+    assert "m" * 257 not in caught.value.message
+    assert parse_chat_request(body(model="m" * 256), max_model_name_length=256).model.model == "m" * 256

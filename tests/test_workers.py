@@ -112,7 +112,7 @@ async def test_sigterm_drains_every_worker_and_exits_zero(supervisor: Supervisor
         async with trio.open_nursery() as nursery:
 
             async def long_stream() -> None:
-                results.append(await stream_chat(http, chat_body("sim:tokens=100000,itl_ms=10")))
+                results.append(await stream_chat(http, chat_body("sim:tokens=50000,itl_ms=10")))
 
             for _ in range(4):
                 nursery.start_soon(long_stream)

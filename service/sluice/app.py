@@ -52,7 +52,7 @@ from .prometheus import PrometheusMetrics
 from .redaction import Scrubber
 from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
-from .simulator import Simulator
+from .simulator import Simulator, SimulatorLimits
 from .wire.openai import parse_chat_request
 
 log = logging.getLogger("sluice")
@@ -73,7 +73,7 @@ class GatewayState:
     """Everything the routes share within one worker."""
 
     settings: Settings
-    prometheus: PrometheusMetrics = field(default_factory=PrometheusMetrics)
+    prometheus: PrometheusMetrics = field(init=False)
     metrics: GatewayMetrics = field(init=False)
     router: Router | None = None
     keys: KeyTable = field(init=False)
@@ -90,6 +90,9 @@ class GatewayState:
     stream_scrubber: Scrubber = field(default_factory=Scrubber)
 
     def __post_init__(self) -> None:
+        self.prometheus = PrometheusMetrics(
+            max_label_values=self.settings.metrics_max_label_values, models=(m.name for m in self.settings.models)
+        )
         self.metrics = GatewayMetrics(self.prometheus)
         self.keys = KeyTable(self.settings)
 
@@ -178,7 +181,13 @@ def create_app(settings: Settings) -> SluiceApp:
     async def start_upstream() -> None:
         base_url = settings.upstream_base_url
         if base_url is None and not settings.models:
-            state.simulator = Simulator()
+            state.simulator = Simulator(
+                limits=SimulatorLimits(
+                    max_tokens=settings.simulator_max_tokens,
+                    max_stream_seconds=settings.simulator_max_stream_seconds,
+                    max_model_name_length=settings.max_model_name_length,
+                )
+            )
             port = await app.nursery.start(_serve_simulator, state)
             base_url = f"http://127.0.0.1:{port}/v1"
             log.info("no upstream configured: serving from the embedded simulator at %s", base_url)
@@ -206,7 +215,7 @@ def create_app(settings: Settings) -> SluiceApp:
             settings,
             base_url or "",
             RouterEvents(
-                attempt_failed=lambda code: prometheus.upstream_errors.labels(code).inc(),
+                attempt_failed=prometheus.upstream_failed,
                 deployment_failed=deployment_failed,
                 fell_back=lambda deployment: prometheus.fallbacks.labels(deployment.name).inc(),
                 cooled_down=cooled_down,
@@ -315,7 +324,7 @@ def create_app(settings: Settings) -> SluiceApp:
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         raw = await request.get_data(cache=False)
-        parsed = parse_chat_request(raw)  # type: ignore[arg-type]
+        parsed = parse_chat_request(raw, max_model_name_length=settings.max_model_name_length)  # type: ignore[arg-type]
         g.model = parsed.model.model
         policy = choose_backpressure(
             request.headers.get(BACKPRESSURE_HEADER), parsed.model.backpressure_strategy, settings.backpressure
@@ -395,7 +404,9 @@ def create_app(settings: Settings) -> SluiceApp:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(state.prometheus.render(), status=200, content_type=PROMETHEUS_CONTENT_TYPE)
+        # Off the loop: a render costs CPU in proportion to the series, and every stream of this worker waits while the loop does.
+        body = await state.prometheus.render_off_loop()
+        return Response(body, status=200, content_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> Response:

@@ -71,16 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=9000)
+    simulate.add_argument(
+        "--max-tokens", type=int, default=100_000, help="completion tokens (tokens x n) per request; more gets 400 [default 100000]"
+    )
+    simulate.add_argument(
+        "--max-stream-seconds", type=float, default=600.0,
+        help="longest scheduled answer (ttft + itl x tokens + stall); longer gets 400 [default 600]",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
+        from .simulator.behaviour import SimulatorLimits
         from .simulator.server import run_simulator
 
         configure_logging("INFO")
-        run_simulator(args.host, args.port)
+        run_simulator(args.host, args.port, SimulatorLimits(max_tokens=args.max_tokens, max_stream_seconds=args.max_stream_seconds))
         return 0
     from .config import ConfigError, load_settings
 

@@ -163,6 +163,21 @@ class Settings(BaseSettings):
     # --- requests ------------------------------------------------------------------
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     body_timeout: float = Field(default=30.0, gt=0)
+    #: longest ``model`` a request may name (characters); longer gets 400. The
+    #: name becomes a log field and a metrics label: megabytes of it must not.
+    max_model_name_length: int = Field(default=256, ge=1)
+
+    # --- metrics -----------------------------------------------------------------------
+    #: distinct values a Prometheus label takes from requests (client-chosen model
+    #: names, upstream status codes); more are counted as ``other``. Configured
+    #: model and deployment names never count against it.
+    metrics_max_label_values: int = Field(default=100, ge=1)
+
+    # --- the embedded simulator (no upstream configured) --------------------------------
+    #: completion tokens (tokens x n) one simulated request may ask for; more gets 400
+    simulator_max_tokens: int = Field(default=100_000, ge=1)
+    #: longest a simulated answer may be scheduled to take (ttft + itl x tokens + stall), seconds
+    simulator_max_stream_seconds: float = Field(default=600.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = "INFO"
 

@@ -8,12 +8,27 @@ writes its values to ``PROMETHEUS_MULTIPROC_DIR`` and any worker's
 ``/metrics`` aggregates them all (prometheus_client's multiprocess mode):
 counters and histograms are summed, ``sluice_streams_active`` is the live
 sum and ``sluice_channel_peak_depth`` the maximum.
+
+Invariants:
+
+* Every label has a bounded set of values. Labels a request chooses (the
+  ``model`` a client names, the ``status`` and upstream error ``code`` an
+  upstream chooses) go through a :class:`LabelValues`: configured names
+  always pass, any other value takes one of ``max_label_values`` slots, first
+  come, and the rest are counted as ``other``. The other labels (deployment,
+  hedge outcome, limit) take values from the configuration or the gateway's
+  own code. So the text ``/metrics`` renders is bounded whatever clients send.
+* Rendering never runs on the event loop: :meth:`PrometheusMetrics.render_off_loop`
+  renders in a worker thread, one scrape at a time (prometheus_client's
+  values and label maps are guarded by its own locks).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -28,14 +43,44 @@ disable_created_metrics()
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _MID_STREAM_UPSTREAM_FAILURES = frozenset({"stream_interrupted", "upstream_timeout", "upstream_error_event"})
-#: model labels come from clients in passthrough mode: cap the distinct values
-_MAX_MODEL_LABELS = 100
+#: the value a label takes once its budget of distinct values is spent
+OTHER = "other"
+
+
+class LabelValues:
+    """The values one label may take: ``fixed`` ones, plus the first ``budget`` others; the rest are ``other``.
+
+    A set lookup per call once a value is known (called once per request, never per token).
+    """
+
+    __slots__ = ("_known", "_budget")
+
+    def __init__(self, budget: int, fixed: Iterable[str] = ()) -> None:
+        self._known = set(fixed)
+        self._budget = budget
+
+    def __call__(self, value: str) -> str:
+        if value in self._known:
+            return value
+        if self._budget <= 0:
+            return OTHER
+        self._budget -= 1
+        self._known.add(value)
+        return value
 
 
 class PrometheusMetrics:
-    """The gateway's Prometheus series, in a registry of its own (one per app)."""
+    """The gateway's Prometheus series, in a registry of its own (one per app).
 
-    def __init__(self) -> None:
+    ``max_label_values`` bounds each request-chosen label; ``models`` are the
+    configured public model names, always shown as themselves.
+    """
+
+    def __init__(self, *, max_label_values: int = 100, models: Iterable[str] = ()) -> None:
+        self.model_label = LabelValues(max_label_values, (name for name in models if name != "*"))
+        self.status_label = LabelValues(max_label_values)
+        self.code_label = LabelValues(max_label_values)
+        self._render_lock = trio.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("sluice_requests", "Requests by public model and status.", ["model", "status"], registry=r)
@@ -68,23 +113,18 @@ class PrometheusMetrics:
             "sluice_channel_peak_depth", "Deepest any stream's channel got.", registry=r, multiprocess_mode="max"
         )
         self._peak = 0
-        self._models: set[str] = set()
-
-    def model_label(self, model: str) -> str:
-        if model in self._models:
-            return model
-        if len(self._models) >= _MAX_MODEL_LABELS:
-            return "other"
-        self._models.add(model)
-        return model
 
     def request_refused(self, model: str, status: int) -> None:
         """A request that ended before it reached the upstream (validation, auth, limits)."""
-        self.requests.labels(self.model_label(model), str(status)).inc()
+        self.requests.labels(self.model_label(model), self.status_label(str(status))).inc()
+
+    def upstream_failed(self, code: str) -> None:
+        """One failed upstream attempt (``http_503``, ``upstream_unavailable``, ...)."""
+        self.upstream_errors.labels(self.code_label(code)).inc()
 
     def stream_finished(self, stats: StreamStats) -> None:
         model = self.model_label(stats.model)
-        self.requests.labels(model, str(stats.status)).inc()
+        self.requests.labels(model, self.status_label(str(stats.status))).inc()
         self.duration.observe(stats.total_ms / 1000.0)
         ttft = stats.ttft_ms
         if ttft is not None:
@@ -98,7 +138,7 @@ class PrometheusMetrics:
             self.disconnects.inc()
         elif stats.streamed and outcome[len("error:") :] in _MID_STREAM_UPSTREAM_FAILURES:
             # Failures before the stream opened are counted per attempt by the upstream client.
-            self.upstream_errors.labels(outcome[len("error:") :]).inc()
+            self.upstream_failed(outcome[len("error:") :])
         if stats.dropped:
             self.dropped.inc(stats.dropped)
         if stats.coalesced:
@@ -109,7 +149,13 @@ class PrometheusMetrics:
             self._peak = stats.peak_queue
             self.channel_peak.set(stats.peak_queue)
 
+    async def render_off_loop(self) -> bytes:
+        """:meth:`render` in a worker thread; concurrent scrapes wait their turn rather than pile up threads."""
+        async with self._render_lock:
+            return await trio.to_thread.run_sync(self.render)
+
     def render(self) -> bytes:
+        """The text exposition (blocking: CPU in proportion to the series; call through :meth:`render_off_loop`)."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)

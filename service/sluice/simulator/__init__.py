@@ -5,14 +5,16 @@ the benchmarks. ``behaviour`` is sans-IO (the scheme, the text, the chunk
 bytes); ``server`` is the lean socket server. See docs/simulator.md.
 """
 
-from .behaviour import Behaviour, SimParamError, parse_behaviour, simulated_tokens
+from .behaviour import Behaviour, SimParamError, SimulatorLimits, iter_tokens, parse_behaviour, simulated_tokens
 from .server import Simulator, SimulatorStats, serve_simulator
 
 __all__ = [
     "Behaviour",
     "SimParamError",
     "Simulator",
+    "SimulatorLimits",
     "SimulatorStats",
+    "iter_tokens",
     "parse_behaviour",
     "serve_simulator",
     "simulated_tokens",

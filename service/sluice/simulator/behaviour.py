@@ -15,6 +15,13 @@ function of the prompt, the token count and the seed (:func:`simulated_tokens`).
 Chunks are pre-encoded: per request, the JSON around a token is built once
 and each token is spliced in, so a token costs one small ``json.dumps`` of a
 string, not of a whole chunk dict.
+
+Tokens are generated when they are sent (:func:`iter_tokens`): a streamed
+answer holds O(1) memory in its token count. What a request may ask for is
+bounded by :class:`SimulatorLimits` (:func:`check_limits`): tokens x choices,
+the scheduled duration and the model name's length, each refused with a 400
+naming the parameter, because the embedded simulator shares its process with
+the gateway and a request for 10^9 tokens must not be able to take it down.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -40,7 +47,24 @@ VOCABULARY = (
 
 
 class SimParamError(ValueError):
-    """A sim parameter that does not parse; the simulator answers 400."""
+    """A sim parameter that does not parse or is over a limit; the simulator answers 400 naming ``param``."""
+
+    def __init__(self, message: str, *, param: str = "model", code: str = "invalid_sim_param") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorLimits:
+    """What one request may ask the simulator for."""
+
+    #: completion tokens generated per request, over all ``n`` choices
+    max_tokens: int = 100_000
+    #: the answer's scheduled duration: ttft + itl x (tokens - 1) + a timed stall
+    max_stream_seconds: float = 600.0
+    #: longer names are refused before they are parsed or cached
+    max_model_name_length: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +149,48 @@ def parse_behaviour(model: str, headers: Mapping[str, str] | None = None) -> Beh
     return behaviour
 
 
-def simulated_tokens(prompt: str, count: int, seed: str = "") -> list[str]:
-    """The deterministic tokens for a prompt: words, each but the first with a leading space."""
+def check_model_name(model: str, limits: SimulatorLimits) -> None:
+    """Refuse a model name over the limit before it is parsed or cached (the cache keys on it)."""
+    if len(model) > limits.max_model_name_length:
+        raise SimParamError(
+            f"The model name is {len(model)} characters long; the limit is {limits.max_model_name_length}.",
+            code="invalid_value",
+        )
+
+
+def check_limits(behaviour: Behaviour, count: int, n: int, limits: SimulatorLimits) -> None:
+    """Refuse an answer of ``count`` tokens x ``n`` choices over ``limits``; :class:`SimParamError` names the param."""
+    if count * n > limits.max_tokens:
+        param = "n" if count <= limits.max_tokens else "model"
+        raise SimParamError(
+            f"The request asks for {count} tokens x {n} choices; the simulator generates at most "
+            f"{limits.max_tokens} tokens per request.",
+            param=param,
+            code="sim_limit_exceeded",
+        )
+    stall_ms = behaviour.stall_ms if behaviour.fault == "stall" and behaviour.stall_ms is not None else 0.0
+    scheduled_ms = behaviour.ttft_ms + behaviour.itl_ms * max(0, count - 1) + stall_ms
+    if scheduled_ms > limits.max_stream_seconds * 1000.0:
+        raise SimParamError(
+            f"The requested timing (ttft_ms + itl_ms x tokens + stall_ms = {scheduled_ms:g} ms) exceeds the "
+            f"simulator's limit of {limits.max_stream_seconds:g} s per answer.",
+            code="sim_limit_exceeded",
+        )
+
+
+def iter_tokens(prompt: str, count: int, seed: str = "") -> Iterator[str]:
+    """The deterministic tokens for a prompt, one at a time: words, each but the first with a leading space."""
     # surrogatepass: a lone surrogate (valid in JSON, not in UTF-8) must not crash the handler
     base = zlib.crc32(f"{seed}\x00{prompt}".encode("utf-8", "surrogatepass"))
-    words = [VOCABULARY[zlib.crc32(i.to_bytes(4, "little"), base) % len(VOCABULARY)] for i in range(count)]
-    return [word if i == 0 else " " + word for i, word in enumerate(words)]
+    vocabulary, size, crc32 = VOCABULARY, len(VOCABULARY), zlib.crc32
+    for i in range(count):
+        word = vocabulary[crc32(i.to_bytes(4, "little"), base) % size]
+        yield word if i == 0 else " " + word
+
+
+def simulated_tokens(prompt: str, count: int, seed: str = "") -> list[str]:
+    """:func:`iter_tokens` as a list (for tests and small answers)."""
+    return list(iter_tokens(prompt, count, seed))
 
 
 def prompt_of(messages: list[Any]) -> str:

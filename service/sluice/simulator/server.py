@@ -18,6 +18,9 @@ Invariants:
 * A client that closes its connection is noticed within one scheduler tick,
   also while the simulator is sleeping between tokens or stalled: a watcher
   task waits on the socket for EOF during every streamed response.
+* A request's memory does not grow with its token count: tokens are
+  generated as they are written (at most one 64 KiB batch is held), and what
+  a request may ask for is bounded by :class:`SimulatorLimits` (400 above).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -39,12 +43,15 @@ from .behaviour import (
     Behaviour,
     ChunkEncoder,
     SimParamError,
+    SimulatorLimits,
+    check_limits,
+    check_model_name,
     completion_body,
     error_body,
+    iter_tokens,
     parse_behaviour,
     prompt_of,
     prompt_tokens,
-    simulated_tokens,
 )
 
 log = logging.getLogger("sluice.simulator")
@@ -128,10 +135,11 @@ class _Socket:
 class Simulator:
     """A fake OpenAI-compatible model server (see docs/simulator.md)."""
 
-    def __init__(self, *, send_buffer: int | None = None) -> None:
+    def __init__(self, *, send_buffer: int | None = None, limits: SimulatorLimits | None = None) -> None:
         #: SO_SNDBUF for responses; small values make a reader's backpressure
         #: reach the simulator's writes sooner (kernel autotuning otherwise)
         self.send_buffer = send_buffer
+        self.limits = limits or SimulatorLimits()
         self.stats = SimulatorStats()
         self.port: int | None = None
         self._fault_counts: dict[str, int] = {}
@@ -261,9 +269,12 @@ class Simulator:
             )
             return
         try:
+            check_model_name(model, self.limits)
             behaviour = parse_behaviour(model, headers)
+            plan = _plan(payload, behaviour)
+            check_limits(behaviour, plan.tokens, plan.n, self.limits)
         except SimParamError as exc:
-            await self._send_simple(conn, http, 400, error_body(str(exc), param="model", code="invalid_sim_param"))
+            await self._send_simple(conn, http, 400, error_body(str(exc), param=exc.param, code=exc.code))
             return
         behaviour = self._apply_fail_times(behaviour)
         stats = self.stats
@@ -284,7 +295,7 @@ class Simulator:
         }
         stats.records.append(record)
         try:
-            await self._answer(conn, http, payload, behaviour, record)
+            await self._answer(conn, http, payload, behaviour, plan, record)
         except _ClientGone:
             record["outcome"] = "closed_by_client"
             record["closed_at"] = record["closed_at"] or time.monotonic()
@@ -314,7 +325,13 @@ class Simulator:
         return behaviour
 
     async def _answer(
-        self, conn: _Socket, http: h11.Connection, payload: dict[str, Any], behaviour: Behaviour, record: dict[str, Any]
+        self,
+        conn: _Socket,
+        http: h11.Connection,
+        payload: dict[str, Any],
+        behaviour: Behaviour,
+        plan: _Plan,
+        record: dict[str, Any],
     ) -> None:
         if behaviour.fault == "disconnect_before_headers":
             record["outcome"] = "fault"
@@ -334,13 +351,8 @@ class Simulator:
             body = error_body(f"simulated {behaviour.status_code}", type_=kind, code=f"simulated_{behaviour.status_code}")
             await self._send_simple(conn, http, behaviour.status_code, body, extra)
             return
-        limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
-        count = behaviour.tokens
-        finish_reason = "stop"
-        if isinstance(limit, int) and 0 < limit < count:
-            count, finish_reason = limit, "length"
-        tokens = simulated_tokens(prompt_of(payload["messages"]), count, behaviour.seed)
-        n = payload.get("n") if isinstance(payload.get("n"), int) and payload.get("n", 1) > 0 else 1
+        count, n, finish_reason = plan.tokens, plan.n, plan.finish_reason
+        tokens = iter_tokens(prompt_of(payload["messages"]), count, behaviour.seed)
         completion_id = f"chatcmpl-sim-{record['id']}"
         created = int(time.time())
         model = payload["model"]
@@ -349,12 +361,12 @@ class Simulator:
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
             encoder = ChunkEncoder(completion_id, created, model, include_usage=include_usage)
             usage = encoder.usage(prompt_tokens(payload["messages"]), count) if include_usage else b""
-            await self._stream(conn, http, behaviour, encoder, tokens, n, finish_reason, usage, record)
+            await self._stream(conn, http, behaviour, encoder, tokens, count, n, finish_reason, usage, record)
             return
         delay = (behaviour.ttft_ms + behaviour.itl_ms * max(0, count - 1)) / 1000.0
         if delay:
             await self._watching(conn, http, record, trio.sleep, delay)
-        text = "".join(tokens)
+        text = "".join(tokens)  # bounded: count x n <= limits.max_tokens
         body = completion_body(completion_id, created, model, text, finish_reason, n, prompt_tokens(payload["messages"]), count)
         await self._send_simple(conn, http, 200, json.dumps(body).encode())
         record["outcome"] = "completed"
@@ -397,7 +409,8 @@ class Simulator:
         http: h11.Connection,
         behaviour: Behaviour,
         encoder: ChunkEncoder,
-        tokens: list[str],
+        tokens: Iterator[str],
+        count: int,
         n: int,
         finish_reason: str,
         usage: bytes,
@@ -420,12 +433,13 @@ class Simulator:
             first_at = trio.current_time() + behaviour.ttft_ms / 1000.0
             itl = behaviour.itl_ms / 1000.0
             buffer = bytearray()
-            for i in range(len(tokens) + 1):
+            for i in range(count + 1):
                 if fault is not None and i == after:
                     if await self._strike(conn, http, behaviour, buffer, flush, record):
                         return
-                if i == len(tokens):
+                if i == count:
                     break
+                token = next(tokens)
                 due = first_at + i * itl
                 if due > trio.current_time():
                     await flush(buffer)
@@ -434,12 +448,12 @@ class Simulator:
                     for index in range(n):
                         buffer += encoder.role(index)
                 for index in range(n):
-                    buffer += encoder.content(tokens[i], index)
+                    buffer += encoder.content(token, index)
                 record["chunks_sent"] += 1
                 if len(buffer) >= _BATCH_BYTES:
                     await flush(buffer)
                     await trio.lowlevel.checkpoint()
-            if not tokens:
+            if count == 0:
                 for index in range(n):
                     buffer += encoder.role(index)
             for index in range(n):
@@ -479,17 +493,40 @@ class Simulator:
         return False  # no_done strikes at the end, not here
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one answer will be: tokens per choice, choices, and why it ends."""
+
+    tokens: int
+    n: int
+    finish_reason: str
+
+
+def _plan(payload: dict[str, Any], behaviour: Behaviour) -> _Plan:
+    limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    count = behaviour.tokens
+    finish_reason = "stop"
+    if isinstance(limit, int) and 0 < limit < count:
+        count, finish_reason = limit, "length"
+    n = payload.get("n")
+    return _Plan(count, n if isinstance(n, int) and n > 0 else 1, finish_reason)
+
+
 async def serve_simulator(
-    host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    limits: SimulatorLimits | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await Simulator().serve(host, port, task_status=task_status)
+    await Simulator(limits=limits).serve(host, port, task_status=task_status)
 
 
-def run_simulator(host: str, port: int) -> None:
+def run_simulator(host: str, port: int, limits: SimulatorLimits | None = None) -> None:
     """Run the simulator in the foreground (``sluice simulate``)."""
 
     async def main() -> None:
-        simulator = Simulator()
+        simulator = Simulator(limits=limits)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(simulator.serve, host, port)
             log.info("simulator listening on http://%s:%d/v1", host, bound)

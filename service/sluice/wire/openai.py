@@ -6,6 +6,13 @@ relay forwards the client's own JSON rather than a re-serialised model, so
 numbers, key order and unknown fields (``tools``, ``response_format``, ...)
 reach the upstream exactly as the client wrote them.
 
+Because the client's bytes are forwarded, the gateway must read them the way
+every upstream does. A JSON object with the same key twice has no single
+meaning (Python keeps the last, other parsers the first), so the gateway
+would validate and route on one value while the upstream serves another:
+:func:`parse_chat_request` refuses duplicate keys at any depth (``messages[i]``
+and ``stream_options`` steer the upstream as much as the top level does).
+
 :func:`coalesce_events` is the ``coalesce`` backpressure policy's data
 half: it merges queued content deltas of the same choice into one chunk, and
 leaves every event it does not fully understand untouched.
@@ -84,10 +91,71 @@ class ParsedRequest:
         return json.dumps(forwarded, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def parse_chat_request(raw: bytes) -> ParsedRequest:
-    """Validate a chat-completions body; raise :class:`InvalidRequest` with ``param``."""
+class _DuplicateKey(Exception):
+    """Raised by :func:`_unique_keys` to stop the parse at the first repeated key."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # The hot path: one dict built from the pairs (as json would) and one length check.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _DuplicateKey
+    return result
+
+
+#: built once: ``json.loads(raw, object_pairs_hook=...)`` would build a decoder and its scanner on every call
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _loads_unique(raw: bytes | str) -> Any:
+    """``json.loads`` (same encodings, same errors) refusing repeated keys with :class:`_DuplicateKey`."""
+    text = raw if isinstance(raw, str) else raw.decode(json.detect_encoding(raw), "surrogatepass")
+    return _DECODER.decode(text)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """An object kept as its key/value pairs, to find where a duplicate sits (error path only)."""
+
+
+def _first_duplicate(value: Any, path: str = "") -> str | None:
+    """The OpenAI-style path of the first repeated key (``messages[0].role``), depth first."""
+    if isinstance(value, _Pairs):
+        seen: set[str] = set()
+        for key, item in value:
+            where = f"{path}.{key}" if path else key
+            if key in seen:
+                return where
+            seen.add(key)
+            found = _first_duplicate(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _first_duplicate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _duplicate_key_error(raw: bytes) -> InvalidRequest:
+    where = _first_duplicate(json.loads(raw, object_pairs_hook=_Pairs)) or ""
+    return InvalidRequest(
+        f"The request body repeats the key '{where}'; each key may appear only once per JSON object.",
+        param=where or None,
+        code="duplicate_key",
+    )
+
+
+def parse_chat_request(raw: bytes, *, max_model_name_length: int | None = None) -> ParsedRequest:
+    """Validate a chat-completions body; raise :class:`InvalidRequest` with ``param``.
+
+    ``max_model_name_length`` bounds the ``model`` string: the name becomes a
+    metrics label, a log field and a routing key, and must not carry megabytes.
+    """
     try:
-        body = json.loads(raw)
+        body = _loads_unique(raw)
+    except _DuplicateKey:
+        raise _duplicate_key_error(raw) from None
     except (ValueError, RecursionError) as exc:
         # RecursionError: deeply nested JSON must be a 400, not a 500.
         raise InvalidJSON(f"The request body is not valid JSON: {exc}".split("\n")[0]) from None
@@ -99,6 +167,12 @@ def parse_chat_request(raw: bytes) -> ParsedRequest:
         raise _invalid_request_from(exc) from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply.") from None
+    if max_model_name_length is not None and len(model.model) > max_model_name_length:
+        raise InvalidRequest(
+            f"The 'model' parameter is {len(model.model)} characters long; the limit is {max_model_name_length}.",
+            param="model",
+            code="invalid_value",
+        )
     if model.stream_options is not None and not model.stream:
         raise InvalidRequest(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
