@@ -20,7 +20,7 @@ import trio
 from deploy.fleet import free_port
 
 from .rawclient import RawStream
-from .support import RunningSimulator, chat_body, wait_until
+from .support import RunningSimulator, chat_body, wait_until, wait_until_async
 
 _ENV = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
 
@@ -101,3 +101,38 @@ async def test_a_second_signal_ends_the_drain_now_with_a_final_event_and_no_trac
     assert code == 0
     text = stderr.read_text()
     assert "Traceback" not in text and "ExceptionGroup" not in text and "KeyboardInterrupt" not in text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_draining_gateway_refuses_new_connections(simulator: RunningSimulator, tmp_path: Path, workers: int) -> None:
+    """While streams drain, the port is closed: a load balancer's new connections fail at once, not hang."""
+    port = free_port()
+    stderr = tmp_path / "stderr"
+    process = await _start_and_wait_ready(
+        serve_command(port, "--workers", str(workers), "--upstream-base-url", simulator.base_url, "--drain-timeout", "600"),
+        stderr,
+    )
+    try:
+        stream = await RawStream.open(f"http://127.0.0.1:{port}", chat_body("sim:tokens=1000000,itl_ms=20"))
+        await stream.read_until(b"data: ")
+        process.send_signal(signal.SIGTERM)
+
+        async def refused() -> bool:
+            try:
+                connection = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                return True
+            await connection.aclose()
+            return False
+
+        await wait_until_async(refused, timeout=30)
+        assert process.poll() is None  # still draining the stream
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            body = await stream.read_all()
+        assert b'"code":"server_shutting_down"' in body
+        assert await trio.to_thread.run_sync(process.wait, 60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -9,8 +9,10 @@ any worker starts, and connections queued while a worker restarts wait for
 the other workers instead of being reset with the dead worker's own queue.
 The supervisor only starts, watches and stops workers:
 
-* SIGTERM/SIGINT: every worker gets one SIGTERM and drains as a single
-  worker does (``drain_timeout``, then ``server_shutting_down`` events);
+* SIGTERM/SIGINT: the supervisor closes its copy of the socket and every
+  worker gets one SIGTERM and drains as a single worker does (it stops
+  accepting, so the port refuses new connections; ``drain_timeout``, then
+  ``server_shutting_down`` events);
   a second signal is passed on as a second SIGTERM (end the drain now);
   the supervisor exits 0 when all have exited.
 * A worker that dies on its own is logged and replaced; its streams ended
@@ -178,6 +180,11 @@ def supervise(settings: Settings) -> int:
                     break
                 workers[index] = None
                 restart_at[index] = now + delay
+        # Our copy of the socket goes first: once the workers close theirs as
+        # their drain starts, the port refuses new connections (a load
+        # balancer moves on at once) instead of queueing them unanswered
+        # until the drain ends.
+        sock.close()
         signal_workers()
         deadline = time.monotonic() + settings.drain_timeout + 15.0
         for worker in workers:
