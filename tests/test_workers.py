@@ -184,9 +184,7 @@ async def test_workers_exit_when_the_supervisor_is_killed(supervisor: Supervisor
             await http.get(supervisor.url + "/health")
 
 
-async def test_a_supervisor_whose_workers_keep_dying_at_start_gives_up(
-    simulator: RunningSimulator, tmp_path: pytest.TempPathFactory
-) -> None:
+async def test_a_supervisor_whose_workers_keep_dying_at_start_gives_up(simulator: RunningSimulator) -> None:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "sluice.cli", "serve", "--workers", "2", "--port", str(port),

@@ -110,10 +110,9 @@ async def serve_until_signalled(settings: Settings, sock: socket.socket | None =
     after ``drain_timeout``, ends each remaining stream with a
     ``server_shutting_down`` error event, well before hypercorn would cancel
     it silently. A second signal ends the drain at once, the same visible
-    way. The signal receiver stays open until serving has ended: a signal
-    left in it would be re-raised when it closes (trio re-delivers pending
-    signals, and SIGINT becomes a ``KeyboardInterrupt`` that cuts every
-    stream and prints a traceback).
+    way. Signals after that are taken and ignored: none may escape as a
+    ``KeyboardInterrupt``, which would cut every stream without its event
+    and print a traceback.
     """
     app = create_app(settings)
     state = app.extensions["sluice"]
@@ -125,27 +124,29 @@ async def serve_until_signalled(settings: Settings, sock: socket.socket | None =
     async def shutdown_trigger() -> None:
         await signalled.wait()
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        cut_short = trio.Event()
+        drained = trio.Event()
 
-            cut_short = trio.Event()
-            drained = trio.Event()
+        async def drain() -> None:
+            await state.drain(settings.drain_timeout, cut_short)
+            drained.set()
 
-            async def drain() -> None:
-                await state.drain(settings.drain_timeout, cut_short)
-                drained.set()
+        async def stop_now() -> None:
+            await drained.wait()
+            # Every stream has been given its final event; once written, stop
+            # without waiting out graceful_timeout for idle keep-alive
+            # connections (nothing is left to send on them).
+            with trio.move_on_after(_FINAL_EVENTS_GRACE):
+                while state.relays:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
 
-            async def stop_now() -> None:
-                await drained.wait()
-                # Every stream has been given its final event; once written, stop
-                # without waiting out graceful_timeout for idle keep-alive
-                # connections (what is left on them is nothing).
-                with trio.move_on_after(_FINAL_EVENTS_GRACE):
-                    while state.relays:
-                        await trio.sleep(0.05)
-                nursery.cancel_scope.cancel()
-
-            async def watch_signals() -> None:
+        async def watch_signals() -> None:
+            # Receives until serving ends (this task is cancelled then), never
+            # leaving a signal pending in the receiver: trio re-delivers those
+            # when it closes, and SIGINT becomes a KeyboardInterrupt.
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if not signalled.is_set():
@@ -157,14 +158,14 @@ async def serve_until_signalled(settings: Settings, sock: socket.socket | None =
                         cut_short.set()
                         nursery.start_soon(stop_now)
 
-            nursery.start_soon(watch_signals)
+        nursery.start_soon(watch_signals)
 
-            async def serve_then_stop(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
-                nursery.cancel_scope.cancel()
+        async def serve_then_stop(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()
 
-            await nursery.start(serve_then_stop)
-            freeze_startup_heap()
+        await nursery.start(serve_then_stop)
+        freeze_startup_heap()
 
 
 def freeze_startup_heap() -> None:
