@@ -86,7 +86,9 @@ def exit_with_supervisor(supervisor_pid: int) -> None:
 
     ``PR_SET_PDEATHSIG`` covers a supervisor that dies from now on; one that
     died before this call (the worker is then already re-parented) is caught
-    by the parent check after it.
+    by the parent check after it. (The kernel sends it when the *thread*
+    that started the worker ends: the supervisor starts workers from its
+    main thread only.)
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
