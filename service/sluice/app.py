@@ -96,11 +96,11 @@ class GatewayState:
         self.metrics = GatewayMetrics(self.prometheus)
         self.keys = KeyTable(self.settings)
 
-    async def drain(self, timeout: float) -> None:
-        """Let in-flight streams finish for ``timeout`` s, then end the rest with an error event."""
+    async def drain(self, timeout: float, cut_short: trio.Event | None = None) -> None:
+        """Let in-flight streams finish for ``timeout`` s (or until ``cut_short`` is set), then end the rest with an error event."""
         self.draining = True
         with trio.move_on_after(timeout):
-            while self.relays:
+            while self.relays and not (cut_short is not None and cut_short.is_set()):
                 await trio.sleep(0.05)
         for relay in list(self.relays):
             relay.shut_down()

@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     from .server import run
 
-    run(settings)
-    return 0
+    return run(settings)
 
 
 if __name__ == "__main__":

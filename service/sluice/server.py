@@ -25,6 +25,7 @@ import gc
 import logging
 import signal
 import socket
+import sys
 from typing import Any
 
 import trio
@@ -33,14 +34,37 @@ from .config import Settings
 from .http_server import GatewayConfig, serve
 
 
-def listening_socket(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
+#: listen backlog of the gateway's socket: the default (100) drops a burst of
+#: connects into SYN retries (1 s, 3 s stalls) before the gateway sees them
+LISTEN_BACKLOG = 4096
+
+
+class CannotListen(Exception):
+    """The gateway's address cannot be bound: in use, not permitted, or not on this host."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(host, port, reason)
+        self.host, self.port, self.reason = host, port, reason
+
+    def __str__(self) -> str:
+        address = f"[{self.host}]" if ":" in self.host else self.host
+        return f"cannot listen on {address}:{self.port}: {self.reason}"
+
+
+def listening_socket(settings: Settings) -> socket.socket:
+    """The gateway's one listening socket: bound and listening, or :class:`CannotListen`.
+
+    No ``SO_REUSEPORT``: the port belongs to one gateway. Its ``--workers``
+    share this very socket (the supervisor creates it and hands it to each
+    worker), and a second gateway started on the same port is refused by the
+    kernel with ``EADDRINUSE``. It listens at once, so the port is taken (and
+    connections queue) before any worker is ready.
+    """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # SO_REUSEADDR only lets a restarted gateway bind over connections left in
+    # TIME_WAIT; it never lets two listening sockets share a port.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        # Several workers, one port: each worker listens on a socket of its own
-        # and the kernel spreads new connections across them.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if settings.stall_timeout > 0:
         # Inherited by every accepted connection. Hypercorn's writes to the
@@ -53,7 +77,12 @@ def listening_socket(settings: Settings, *, reuse_port: bool = False) -> socket.
         # A fixed send buffer turns off the kernel's autotuning (megabytes per
         # socket on loopback): what a stalled client can park stays bounded.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.client_sndbuf)
-    sock.bind((settings.host, settings.port))
+    try:
+        sock.bind((settings.host, settings.port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:  # EADDRINUSE, EACCES, EADDRNOTAVAIL, a host name that does not resolve
+        sock.close()
+        raise CannotListen(settings.host, settings.port, exc.strerror or str(exc)) from None
     return sock
 
 
@@ -73,35 +102,66 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> GatewayConfig:
     return config
 
 
-async def serve_until_signalled(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve; on SIGTERM/SIGINT stop accepting, drain, end what is left visibly, return.
+#: after a second signal, how long streams may take to write their final event before serving is cancelled
+_FINAL_EVENTS_GRACE = 5.0
 
-    Hypercorn stops accepting as soon as the shutdown trigger returns and then
-    waits ``graceful_timeout`` for open connections; our drain runs beside it
-    and, after ``drain_timeout``, ends each remaining stream with a
+
+async def serve_until_signalled(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve on ``sock`` (by default a socket of our own); on SIGTERM/SIGINT drain, then return.
+
+    The first signal stops accepting and starts the drain: hypercorn stops
+    accepting as soon as the shutdown trigger returns and then waits
+    ``graceful_timeout`` for open connections; our drain runs beside it and,
+    after ``drain_timeout``, ends each remaining stream with a
     ``server_shutting_down`` error event, well before hypercorn would cancel
-    it silently.
+    it silently. A second signal ends the drain at once, the same visible
+    way. Signals after that are taken and ignored: none may escape as a
+    ``KeyboardInterrupt``, which would cut every stream without its event
+    and print a traceback.
     """
     app = create_app(settings)
     state = app.extensions["sluice"]
-    config = hypercorn_config(settings, listening_socket(settings, reuse_port=reuse_port))
+    config = hypercorn_config(settings, sock if sock is not None else listening_socket(settings))
     config.graceful_timeout = settings.drain_timeout + 5.0
     signalled = trio.Event()
+    log = logging.getLogger("sluice")
 
     async def shutdown_trigger() -> None:
         await signalled.wait()
 
     async with trio.open_nursery() as nursery:
+        cut_short = trio.Event()
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await state.drain(settings.drain_timeout, cut_short)
+            drained.set()
+
+        async def stop_now() -> None:
+            await drained.wait()
+            # Every stream has been given its final event; once written, stop
+            # without waiting out graceful_timeout for idle keep-alive
+            # connections (nothing is left to send on them).
+            with trio.move_on_after(_FINAL_EVENTS_GRACE):
+                while state.relays:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
 
         async def watch_signals() -> None:
+            # Receives until serving ends (this task is cancelled then), never
+            # leaving a signal pending in the receiver: trio re-delivers those
+            # when it closes, and SIGINT becomes a KeyboardInterrupt.
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
-                    logging.getLogger("sluice").info(
-                        "%s: draining for up to %g s", signal.Signals(signum).name, settings.drain_timeout
-                    )
-                    signalled.set()
-                    await state.drain(settings.drain_timeout)
-                    return
+                    name = signal.Signals(signum).name
+                    if not signalled.is_set():
+                        log.info("%s: draining for up to %g s", name, settings.drain_timeout)
+                        signalled.set()
+                        nursery.start_soon(drain)
+                    elif not cut_short.is_set():
+                        log.info("%s again: ending the drain now", name)
+                        cut_short.set()
+                        nursery.start_soon(stop_now)
 
         nursery.start_soon(watch_signals)
 
@@ -136,19 +196,27 @@ def freeze_startup_heap() -> None:
     gc.set_threshold(7000, 10, 10)
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings) -> int:
+    """Serve until signalled; the process exit code (2: the address cannot be bound)."""
     if settings.workers > 1:
         from .workers import supervise
 
-        supervise(settings)
-    else:
-        trio.run(serve_until_signalled, settings)
+        return supervise(settings)
+    try:
+        sock = listening_socket(settings)
+    except CannotListen as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 2
+    trio.run(serve_until_signalled, settings, sock)
+    return 0
 
 
-def run_worker(settings: Settings) -> None:
-    """One of ``--workers N`` processes (started by :mod:`sluice.workers`)."""
+def run_worker(settings: Settings, sock: socket.socket, supervisor_pid: int) -> None:
+    """One of ``--workers N`` processes (started by :mod:`sluice.workers`), serving the supervisor's socket."""
     from .logs import configure_logging
+    from .workers import exit_with_supervisor
 
-    configure_logging(settings.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into one SIGTERM per worker
-    trio.run(lambda: serve_until_signalled(settings, reuse_port=True))
+    exit_with_supervisor(supervisor_pid)
+    configure_logging(settings.log_level)
+    trio.run(serve_until_signalled, settings, sock)
