@@ -4,8 +4,7 @@ Why each hypercorn setting:
 
 * ``read_timeout = None``: a stream is a long response; hypercorn must not
   cut a connection that is busy sending.
-* ``backlog = 4096``: the default (100) drops a burst of connects into SYN
-  retries (1 s, 3 s stalls) before the gateway ever sees them.
+* ``backlog``: :data:`LISTEN_BACKLOG`.
 * ``graceful_timeout``: on shutdown, in-flight streams get this long to finish.
 * ``keep_alive_timeout`` / ``request_head_timeout``: how long a connection
   may sit idle between requests / take to send a request head
@@ -29,6 +28,7 @@ import sys
 from typing import Any
 
 import trio
+
 from .app import create_app
 from .config import Settings
 from .http_server import GatewayConfig, serve
@@ -91,7 +91,7 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> GatewayConfig:
     # detach(): hypercorn's own socket object takes the descriptor over; ours
     # must not close it when it is garbage-collected.
     config.bind = [f"fd://{sock.detach()}"]
-    config.backlog = 4096
+    config.backlog = LISTEN_BACKLOG
     config.read_timeout = None
     config.keep_alive_timeout = settings.keep_alive_timeout
     config.request_head_timeout = settings.request_head_timeout
