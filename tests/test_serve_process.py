@@ -78,7 +78,7 @@ async def test_a_second_signal_ends_the_drain_now_with_a_final_event_and_no_trac
     )
     try:
         streams = [
-            await RawStream.open(f"http://127.0.0.1:{port}", chat_body("sim:tokens=1000000,itl_ms=20")) for _ in range(3)
+            await RawStream.open(f"http://127.0.0.1:{port}", chat_body("sim:tokens=25000,itl_ms=20")) for _ in range(3)
         ]
         for stream in streams:
             await stream.read_until(b"data: ")
@@ -113,7 +113,7 @@ async def test_a_draining_gateway_refuses_new_connections(simulator: RunningSimu
         stderr,
     )
     try:
-        stream = await RawStream.open(f"http://127.0.0.1:{port}", chat_body("sim:tokens=1000000,itl_ms=20"))
+        stream = await RawStream.open(f"http://127.0.0.1:{port}", chat_body("sim:tokens=25000,itl_ms=20"))
         await stream.read_until(b"data: ")
         process.send_signal(signal.SIGTERM)
 
