@@ -41,6 +41,10 @@ def _base_url(value: str) -> str:
     return value.rstrip("/")
 
 
+#: the client APIs an OpenAI-compatible deployment serves unless it says otherwise
+OPENAI_APIS = frozenset({"chat", "completions", "responses", "embeddings"})
+
+
 class DeploymentConfig(BaseModel):
     """One place a model is served: an OpenAI-compatible base URL and its key."""
 
@@ -55,11 +59,23 @@ class DeploymentConfig(BaseModel):
     weight: float = Field(default=1.0, gt=0)
     #: shown in metrics and logs; default: ``<public model>#<index>``
     name: str | None = None
+    #: whose API the endpoint speaks: ``openai`` (bearer key) or ``anthropic`` (``x-api-key``, ``anthropic-version``)
+    provider: Literal["openai", "anthropic"] = "openai"
+    #: the client APIs this deployment serves; default: every OpenAI API for
+    #: ``openai`` (chat, completions, responses, embeddings and the other /v1
+    #: routes), ``messages`` (and its count_tokens) for ``anthropic``
+    apis: list[Literal["chat", "completions", "responses", "messages", "embeddings"]] | None = None
 
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         return _base_url(value)
+
+    @property
+    def served_apis(self) -> frozenset[str]:
+        if self.apis is not None:
+            return frozenset(self.apis)
+        return OPENAI_APIS if self.provider == "openai" else frozenset({"messages"})
 
 
 class ModelConfig(BaseModel):

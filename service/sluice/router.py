@@ -55,6 +55,19 @@ class ModelNotFound(errors.NotFound):
     code = "model_not_found"
 
 
+class ModelNotOnThisAPI(errors.InvalidRequest):
+    """The model exists, but none of its deployments serves the API the client called."""
+
+    code = "model_not_supported"
+
+
+#: how each API is named in messages to clients
+API_TITLES = {
+    "chat": "Chat Completions", "completions": "Completions", "responses": "Responses",
+    "messages": "Messages", "embeddings": "Embeddings",
+}
+
+
 @dataclass(eq=False)
 class Deployment:
     """One provider endpoint serving a public model."""
@@ -64,6 +77,8 @@ class Deployment:
     #: the provider's model name; ``None`` = the name the client sent
     upstream_model: str | None
     weight: float = 1.0
+    #: the client APIs it serves (``chat``, ``responses``, ``messages``...)
+    apis: frozenset[str] = frozenset({"chat", "completions", "responses", "messages", "embeddings"})
     active: int = 0
     consecutive_failures: int = 0
     cooldown_until: float = float("-inf")
@@ -114,6 +129,18 @@ class OpenedStream:
             await self.response.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """Which client API a request is, where it goes under a deployment's base URL, and its extra headers."""
+
+    api: str
+    path: str
+    headers: list[tuple[bytes, bytes]] | None = None
+
+
+CHAT_CALL = UpstreamCall("chat", "/chat/completions")
+
+
 @dataclass
 class RouterEvents:
     """What the router reports (wired to the Prometheus metrics by the app)."""
@@ -141,7 +168,7 @@ class Router:
     def __init__(self, settings: Settings, default_base_url: str, events: RouterEvents | None = None) -> None:
         self._settings = settings
         self.events = events or RouterEvents()
-        self._clients: dict[tuple[str, str | None], UpstreamClient] = {}
+        self._clients: dict[tuple[str, str | None, str], UpstreamClient] = {}
         self.routes: dict[str, ModelRoute] = {}
         self.passthrough: ModelRoute | None = None
         if settings.models:
@@ -157,9 +184,9 @@ class Router:
         routes = list(self.routes.values()) + ([self.passthrough] if self.passthrough else [])
         return [deployment for route in routes for deployment in route.deployments]
 
-    def _client(self, base_url: str, api_key: str | None) -> UpstreamClient:
+    def _client(self, base_url: str, api_key: str | None, provider: str = "openai") -> UpstreamClient:
         # Deployments on the same endpoint with the same key share one pool.
-        cache_key = (base_url, api_key)
+        cache_key = (base_url, api_key, provider)
         client = self._clients.get(cache_key)
         if client is None:
             client = UpstreamClient(
@@ -168,6 +195,7 @@ class Router:
                 max_connections=self._settings.max_streams,
                 connect_timeout=self._settings.connect_timeout,
                 retry_policy=self._settings.retry_policy,
+                key_header="x-api-key" if provider == "anthropic" else "authorization",
                 on_failure=self.events.attempt_failed,
             )
             self._clients[cache_key] = client
@@ -180,9 +208,10 @@ class Router:
             deployments.append(
                 Deployment(
                     name=config.name or f"{model.name}#{index}",
-                    client=self._client(config.base_url, key),
+                    client=self._client(config.base_url, key, config.provider),
                     upstream_model=config.model or (None if model.name == WILDCARD else model.name),
                     weight=config.weight,
+                    apis=config.served_apis,
                 )
             )
         return ModelRoute(
@@ -200,7 +229,8 @@ class Router:
 
     # --- lookup ---------------------------------------------------------------------
 
-    def route(self, model: str) -> ModelRoute:
+    def route(self, model: str, api: str = "chat") -> ModelRoute:
+        """The route serving ``model`` over ``api``; a 404 for an unknown model, a 400 for one served over other APIs only."""
         if self.passthrough is not None:
             return self.passthrough
         route = self.routes.get(model) or self.routes.get(WILDCARD)
@@ -208,7 +238,18 @@ class Router:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it.", param="model"
             )
+        if not self._serves(route, api):
+            served = sorted({a for d in route.deployments for a in d.apis})
+            raise ModelNotOnThisAPI(
+                f"The model '{model}' is not served over the {API_TITLES.get(api, api)} API; "
+                f"it is served over: {', '.join(API_TITLES.get(a, a) for a in served)}.",
+                param="model",
+            )
         return route
+
+    def _serves(self, route: ModelRoute, api: str) -> bool:
+        routes = [route, *(self.routes[name] for name in route.fallbacks)]
+        return any(api in d.apis for r in routes for d in r.deployments)
 
     def models_document(self) -> bytes:
         """``GET /v1/models`` for configured models (passthrough relays the upstream's list)."""
@@ -226,20 +267,22 @@ class Router:
 
     # --- selection ------------------------------------------------------------------
 
-    def candidates(self, route: ModelRoute, exclude: Iterable[Deployment] = ()) -> list[Deployment]:
-        """The route's deployments in the order to try them: healthy by strategy, then cooling."""
+    def candidates(self, route: ModelRoute, exclude: Iterable[Deployment] = (), api: str = "chat") -> list[Deployment]:
+        """The route's deployments serving ``api``, in the order to try them: healthy by strategy, then cooling."""
         now = trio.current_time()
         excluded = set(map(id, exclude))
-        pool = [d for d in route.deployments if id(d) not in excluded]
+        pool = [d for d in route.deployments if id(d) not in excluded and api in d.apis]
         healthy = [d for d in pool if not d.cooling(now)]
         cooling = sorted((d for d in pool if d.cooling(now)), key=lambda d: d.cooldown_until)
         return _ordered(healthy, route.strategy) + cooling
 
-    def _attempt_order(self, route: ModelRoute, exclude: Iterable[Deployment], with_fallbacks: bool) -> list[Deployment]:
-        order = self.candidates(route, exclude)
+    def _attempt_order(
+        self, route: ModelRoute, exclude: Iterable[Deployment], with_fallbacks: bool, api: str
+    ) -> list[Deployment]:
+        order = self.candidates(route, exclude, api)
         if with_fallbacks:
             for name in route.fallbacks:
-                order += self.candidates(self.routes[name])
+                order += self.candidates(self.routes[name], (), api)
         return order
 
     # --- health ---------------------------------------------------------------------
@@ -266,32 +309,42 @@ class Router:
         route: ModelRoute,
         request: ParsedRequest,
         *,
+        call: UpstreamCall | None = None,
         on_attempt: Callable[[], None] | None = None,
         exclude: Iterable[Deployment] = (),
         with_fallbacks: bool = True,
     ) -> OpenedStream:
         """Open a streaming request on the first deployment that answers 2xx."""
+        call = call or CHAT_CALL
 
         async def attempt(deployment: Deployment) -> OpenedStream:
             body = request.body_for_model(deployment.upstream_model)
-            return OpenedStream(await deployment.client.open_chat_stream(body, on_attempt=on_attempt), deployment)
+            response = await deployment.client.open_stream(call.path, body, headers=call.headers, on_attempt=on_attempt)
+            return OpenedStream(response, deployment)
 
-        return await self._first_success(self._attempt_order(route, exclude, with_fallbacks), attempt)
+        return await self._first_success(self._attempt_order(route, exclude, with_fallbacks, call.api), attempt)
 
     async def complete(
-        self, route: ModelRoute, request: ParsedRequest, *, on_attempt: Callable[[], None] | None = None
+        self,
+        route: ModelRoute,
+        request: ParsedRequest,
+        *,
+        call: UpstreamCall | None = None,
+        on_attempt: Callable[[], None] | None = None,
     ) -> tuple[httpx2.Response, Deployment]:
-        """A non-streaming completion on the first deployment that answers 2xx."""
+        """A non-streaming request on the first deployment that answers 2xx."""
+        call = call or CHAT_CALL
 
         async def attempt(deployment: Deployment) -> tuple[httpx2.Response, Deployment]:
             body = request.body_for_model(deployment.upstream_model)
             deployment.active += 1  # busy while it runs, for least_busy
             try:
-                return await deployment.client.chat_completion(body, on_attempt=on_attempt), deployment
+                response = await deployment.client.complete(call.path, body, headers=call.headers, on_attempt=on_attempt)
+                return response, deployment
             finally:
                 deployment.active -= 1
 
-        return await self._first_success(self._attempt_order(route, (), True), attempt)
+        return await self._first_success(self._attempt_order(route, (), True, call.api), attempt)
 
     async def _first_success(
         self, order: list[Deployment], attempt: Callable[[Deployment], Awaitable[_T]]

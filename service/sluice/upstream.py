@@ -13,7 +13,8 @@ Invariants:
   this module lets go of it, also when the calling task is cancelled.
 * Retries run only here, only before any byte of a body was handed out, and
   only for connect errors/timeouts and 429/500/502/503/504.
-* The API key goes only into the ``Authorization`` header; it is never logged
+* The API key goes only into the ``Authorization`` header (``x-api-key`` for
+  a deployment of Anthropic's API); it is never logged
   and never part of an error message the gateway writes. Upstream text that
   is relayed (error bodies, messages quoting them) is scrubbed by the app on
   the way out (:mod:`sluice.redaction`).
@@ -49,12 +50,15 @@ class UpstreamClient:
         max_connections: int,
         connect_timeout: float,
         retry_policy: RetryPolicy,
+        key_header: str = "authorization",
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         #: told the code of every failed attempt, retried or not (``http_503``, ``upstream_unavailable``...)
         self.on_failure = on_failure
         headers = {"accept-encoding": "identity"}  # we relay bytes; never pay to decompress
-        if api_key:
+        if api_key and key_header == "x-api-key":
+            headers["x-api-key"] = api_key  # Anthropic's own API
+        elif api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self.base_url = base_url
         self.retry_policy = retry_policy
@@ -71,32 +75,72 @@ class UpstreamClient:
             ),
         )
 
-        # Every chat request differs only in its body: build its URL, headers
-        # and timeouts once (``build_request`` merges and parses them anew each
-        # time: ~160 us a request, against ~25 us for a Request from parts).
-        template = self._client.build_request(
-            "POST", "chat/completions", content=b"", headers={"content-type": "application/json"}
+        # Requests to one API path differ only in their body: build each path's
+        # URL, headers and timeouts once (``build_request`` merges and parses
+        # them anew each time: ~160 us a request, against ~25 us for a Request
+        # from parts).
+        self._templates: dict[str, tuple[httpx2.URL, list[tuple[bytes, bytes]], dict[str, Any]]] = {}
+
+    def post_request(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> httpx2.Request:
+        """The POST of ``body`` to ``path`` (relative to the base URL), as ``build_request`` would make it."""
+        template = self._templates.get(path)
+        if template is None:
+            built = self._client.build_request(
+                "POST", path.lstrip("/"), content=b"", headers={"content-type": "application/json"}
+            )
+            template = (built.url, [(n, v) for n, v in built.headers.raw if n.lower() != b"content-length"], built.extensions)
+            self._templates[path] = template
+        url, template_headers, extensions = template
+        return httpx2.Request(
+            "POST", url, content=body, headers=template_headers + headers if headers else template_headers,
+            extensions=dict(extensions),
         )
-        self._chat_url = template.url
-        self._chat_headers = [(name, value) for name, value in template.headers.raw if name.lower() != b"content-length"]
-        self._chat_extensions = template.extensions
 
     def chat_request(self, body: bytes) -> httpx2.Request:
-        """The POST for one chat completion, as ``build_request`` would make it."""
-        return httpx2.Request(
-            "POST", self._chat_url, content=body, headers=self._chat_headers, extensions=dict(self._chat_extensions)
-        )
+        """The POST for one chat completion."""
+        return self.post_request("/chat/completions", body)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def open_stream(
+        self, path: str, body: bytes, *, headers: list[tuple[bytes, bytes]] | None = None, on_attempt: Any = None
+    ) -> httpx2.Response:
+        """POST a streaming request; return the open 2xx response, retrying what qualifies."""
+        return await self._with_retries(self._open_stream_once, (path, body, headers), on_attempt)
+
+    async def complete(
+        self, path: str, body: bytes, *, headers: list[tuple[bytes, bytes]] | None = None, on_attempt: Any = None
+    ) -> httpx2.Response:
+        """POST a non-streaming request; return the 2xx response with its body read."""
+        return await self._with_retries(self._complete_once, (path, body, headers), on_attempt)
+
     async def open_chat_stream(self, body: bytes, *, on_attempt: Any = None) -> httpx2.Response:
-        """POST a streaming chat request; return the open 2xx response, retrying what qualifies."""
-        return await self._with_retries(self._open_stream_once, body, on_attempt)
+        return await self.open_stream("/chat/completions", body, on_attempt=on_attempt)
 
     async def chat_completion(self, body: bytes, *, on_attempt: Any = None) -> httpx2.Response:
-        """POST a non-streaming chat request; return the 2xx response with its body read."""
-        return await self._with_retries(self._complete_once, body, on_attempt)
+        return await self.complete("/chat/completions", body, on_attempt=on_attempt)
+
+    async def forward(
+        self, method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]], *, on_attempt: Any = None
+    ) -> httpx2.Response:
+        """Relay one request as it is (any method, any ``/v1`` path); the upstream's answer, whatever its status.
+
+        Connect failures and retriable statuses are retried like any request;
+        when retries are spent, the last answer is returned as it is.
+        """
+        try:
+            return await self._with_retries(self._forward_once, (method, path, body, headers), on_attempt)
+        except _Relayed as relayed:
+            return relayed.response
+
+    async def _forward_once(self, args: tuple[str, str, bytes, list[tuple[bytes, bytes]]]) -> httpx2.Response:
+        method, path, body, headers = args
+        request = self._client.build_request(method, path.lstrip("/"), content=body or None, headers=headers)
+        response = await _send(self._client, request, stream=False)
+        if response.status_code in RETRIABLE_STATUSES:
+            raise RetriableUpstreamError(_Relayed(response), retry_after=parse_retry_after(response.headers))
+        return response
 
     async def list_models(self) -> httpx2.Response:
         return await self._with_retries(self._get_once, "models", None)
@@ -117,8 +161,8 @@ class UpstreamClient:
             raise exc.cause from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    async def _open_stream_once(self, body: bytes) -> httpx2.Response:
-        request = self.chat_request(body)
+    async def _open_stream_once(self, args: tuple[str, bytes, Any]) -> httpx2.Response:
+        request = self.post_request(*args)
         response = await _send(self._client, request, stream=True)
         if response.is_success:
             return response
@@ -132,8 +176,8 @@ class UpstreamClient:
                 await response.aclose()
         raise _status_failure(response)
 
-    async def _complete_once(self, body: bytes) -> httpx2.Response:
-        request = self.chat_request(body)
+    async def _complete_once(self, args: tuple[str, bytes, Any]) -> httpx2.Response:
+        request = self.post_request(*args)
         response = await _send(self._client, request, stream=False)
         if response.is_success:
             return response
@@ -144,6 +188,15 @@ class UpstreamClient:
         if response.is_success:
             return response
         raise _status_failure(response)
+
+
+class _Relayed(SluiceError):
+    """A forwarded request's retriable answer, returned as it is once retries are spent."""
+
+    def __init__(self, response: httpx2.Response) -> None:
+        super().__init__(f"The upstream answered {response.status_code}.")
+        self.response = response
+        self.upstream_status = response.status_code
 
 
 async def _send(client: httpx2.AsyncClient, request: httpx2.Request, *, stream: bool) -> httpx2.Response:
