@@ -244,9 +244,11 @@ def create_app(settings: Settings) -> SluiceApp:
             return
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         key = keys.lookup(presented.strip()) if scheme.lower() == "bearer" else None
+        if key is None and "x-api-key" in request.headers:
+            key = keys.lookup(request.headers["x-api-key"].strip())  # how Anthropic's SDKs send a key
         if key is None:
             raise errors.Unauthorized(
-                "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                "Missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
                 headers={"www-authenticate": "Bearer"},
             )
         g.key = key
