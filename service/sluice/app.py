@@ -17,6 +17,9 @@ Invariants:
 * Every admitted request is released exactly once (same ``finally``), so a
   key's concurrent-stream count cannot leak.
 * Every response carries ``x-request-id`` (the client's, or a new one).
+* A stream is admitted only while the worker's relays hold less than its
+  memory budget (:class:`~sluice.budget.MemoryBudget`); otherwise 503
+  ``overloaded`` with ``retry-after``, before any upstream request.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
 from . import errors
+from .budget import MemoryBudget
 from .config import Settings
 from .logs import redact
 from .limits import KeyTable, LimitStore, LocalLimitStore, VirtualKey
@@ -68,6 +72,8 @@ class GatewayState:
     settings: Settings
     prometheus: PrometheusMetrics = field(default_factory=PrometheusMetrics)
     metrics: GatewayMetrics = field(init=False)
+    #: bytes held in all streams' relay buffers, against ``settings.memory_budget``
+    memory: MemoryBudget = field(init=False)
     router: Router | None = None
     keys: KeyTable = field(init=False)
     limits: LimitStore = field(default_factory=LocalLimitStore)
@@ -80,6 +86,8 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.metrics = GatewayMetrics(self.prometheus)
+        self.memory = MemoryBudget(self.settings.memory_budget)
+        self.prometheus.memory_budget.set(self.memory.limit)
         self.keys = KeyTable(self.settings)
 
     async def drain(self, timeout: float) -> None:
@@ -308,6 +316,14 @@ def create_app(settings: Settings) -> SluiceApp:
                 f"The gateway is at its limit of {settings.max_streams} concurrent streams.",
                 headers={"retry-after": "1"},
             )
+        memory = state.memory
+        if memory.full:
+            memory.refused += 1
+            state.prometheus.memory_budget_refusals.inc()
+            raise errors.Overloaded(
+                f"The gateway's stream buffers are full ({memory.used} of {memory.limit} bytes held); retry shortly.",
+                headers={"retry-after": "1"},
+            )
         key: VirtualKey | None = g.key
         if key is not None and key.limited:
             try:
@@ -339,6 +355,7 @@ def create_app(settings: Settings) -> SluiceApp:
             stats=stats,
             metrics=metrics,
             capacity=settings.buffer_size,
+            budget=state.memory.stream(settings.stream_buffer_bytes),
             policy=policy,
             max_wait=settings.max_wait_ms / 1000.0,
             first_token_timeout=settings.first_token_timeout,
@@ -368,12 +385,14 @@ def create_app(settings: Settings) -> SluiceApp:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
+        state.prometheus.relay_buffered.set(state.memory.used)
         return Response(state.prometheus.render(), status=200, content_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> Response:
         status = "draining" if state.draining else "ok"
         body: dict[str, Any] = {"status": status, "active_streams": state.metrics.active_streams}
+        body["relay_buffered_bytes"] = state.memory.used
         body["redis"] = getattr(state.limits, "status", "off")  # only the Redis store has one
         body["process"] = process_figures()
         return Response(json.dumps(body), status=503 if state.draining else 200, content_type="application/json")
@@ -382,6 +401,9 @@ def create_app(settings: Settings) -> SluiceApp:
     async def backpressure_metrics() -> dict[str, Any]:
         snapshot = state.metrics.snapshot()
         snapshot["buffer_size"] = settings.buffer_size
+        snapshot["stream_buffer_bytes"] = settings.stream_buffer_bytes
+        memory = state.memory
+        snapshot["memory"] = {"used": memory.used, "peak": memory.peak, "limit": memory.limit, "refused": memory.refused}
         snapshot["default_policy"] = settings.backpressure.value
         return snapshot
 

@@ -166,6 +166,7 @@ class Router:
                 max_connections=self._settings.max_streams,
                 connect_timeout=self._settings.connect_timeout,
                 retry_policy=self._settings.retry_policy,
+                receive_buffer=self._settings.upstream_rcvbuf,
                 on_failure=self.events.attempt_failed,
             )
             self._clients[cache_key] = client

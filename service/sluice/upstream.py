@@ -13,6 +13,11 @@ Invariants:
   this module lets go of it, also when the calling task is cancelled.
 * Retries run only here, only before any byte of a body was handed out, and
   only for connect errors/timeouts and 429/500/502/503/504.
+* Every upstream socket's kernel receive buffer is capped (``SO_RCVBUF``,
+  ``receive_buffer`` bytes, set through httpx2's ``socket_options`` right
+  after connect) unless ``receive_buffer`` is 0: with autotuning, a stream
+  whose client stopped reading lets the upstream park megabytes in this
+  host's kernel.
 * The API key goes only into the ``Authorization`` header; it is never logged
   and never part of an error message.
 """
@@ -20,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +50,7 @@ class UpstreamClient:
         max_connections: int,
         connect_timeout: float,
         retry_policy: RetryPolicy,
+        receive_buffer: int = 0,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         #: told the code of every failed attempt, retried or not (``http_503``, ``upstream_unavailable``...)
@@ -63,6 +70,7 @@ class UpstreamClient:
                 # Size the pool to the gateway's stream cap: stream N+1 must not
                 # queue behind a pool limit the gateway itself does not have.
                 limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+                socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)] if receive_buffer else None,
             ),
         )
 
