@@ -82,7 +82,7 @@ def gateway_socket_bytes(gateway_port: int, upstream_port: int) -> dict[str, int
     return sides
 
 
-def open_stalled(gateway_port: int, count: int) -> tuple[list[socket.socket], dict[int, int]]:
+def open_stalled(gateway_port: int, count: int, model: str) -> tuple[list[socket.socket], dict[int, int]]:
     """Open ``count`` streams that read their head and nothing more; return the sockets and statuses seen."""
     sockets: list[socket.socket] = []
     statuses: dict[int, int] = {}
@@ -92,7 +92,7 @@ def open_stalled(gateway_port: int, count: int) -> tuple[list[socket.socket], di
         sock.settimeout(30)
         sock.connect(("127.0.0.1", gateway_port))
         body = json.dumps(
-            {"model": MODEL.format(i=i), "messages": [{"role": "user", "content": "flood"}], "stream": True, "n": CHOICES}
+            {"model": model.format(i=i), "messages": [{"role": "user", "content": "flood"}], "stream": True, "n": CHOICES}
         ).encode()
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
@@ -133,7 +133,7 @@ def close_rst(sockets: list[socket.socket]) -> None:
         sock.close()
 
 
-def run_one(count: int, source: str | None, extra_env: dict[str, str]) -> dict[str, Any]:
+def run_one(count: int, source: str | None, extra_env: dict[str, str], model: str = MODEL) -> dict[str, Any]:
     env = {"SLUICE_STALL_TIMEOUT": "0", "SLUICE_LOG_LEVEL": "WARNING", **extra_env}
     if source:
         env["PYTHONPATH"] = os.path.join(os.path.abspath(source), "service")
@@ -154,7 +154,7 @@ def run_one(count: int, source: str | None, extra_env: dict[str, str]) -> dict[s
         http_json(gw + "/health")
         time.sleep(1.0)
         rss_before, tcp_before = rss_mb(gateway.pid), sockstat_tcp_bytes()
-        sockets, statuses = open_stalled(gw_port, count)
+        sockets, statuses = open_stalled(gw_port, count, model)
         rss_steady, tcp_steady, waited = wait_steady(gateway.pid)
         own_sockets = gateway_socket_bytes(gw_port, sim_port)
         health = http_json(gw + "/health")
@@ -186,13 +186,16 @@ def run_one(count: int, source: str | None, extra_env: dict[str, str]) -> dict[s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="100,1000")
+    parser.add_argument(
+        "--model", default=MODEL, help="the simulated model ({i}: the stream's number); e.g. ttft_ms=600000 for streams that hold nothing"
+    )
     parser.add_argument("--source", help="another checkout whose service/ to run (default: this one)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the gateway (e.g. SLUICE_CLIENT_SNDBUF=65536)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the processes started below
     extra_env = dict(item.split("=", 1) for item in args.env)
-    results = [run_one(int(n), args.source, extra_env) for n in args.counts.split(",")]
+    results = [run_one(int(n), args.source, extra_env, args.model) for n in args.counts.split(",")]
     print(json.dumps(results, indent=2))
     return 0
 

@@ -33,11 +33,14 @@ Invariants:
   one), so the budget covers the queue *and* the write in flight. Under
   ``block`` and ``error`` the producer reads the upstream only when the
   budget has room, and no more than the room; the other policies keep
-  reading (at most half the budget per read) and drop or merge queued
-  batches to stay inside it. A consumer write is at most half the budget
-  (or one batch), so a policy that discards queued batches always has
-  room to make. The channel's item capacity (``buffer_size``) still bounds
-  the number of queued batches.
+  reading and drop or merge queued batches to stay inside it. Reads and
+  consumer writes are at most half the budget each, so one batch is read
+  while another is written, and a policy that discards queued batches
+  always has room to make. The channel's item capacity (``buffer_size``)
+  still bounds the number of queued batches. Not counted: copies of a
+  batch below the relay (h11's framed copy of the write in flight) and
+  the part of an event the framer holds back (it is subtracted from the
+  next read).
 
 Hedging (a model with ``hedge_after_ms``/``hedge_after``): if no token has
 arrived by the hedge delay, a second producer starts the same request on
@@ -442,6 +445,9 @@ class StreamRelay(ResponseBody):
                     try:
                         while chunk := await body.read(await self._read_allowance(framer)):
                             payload = framer.feed(chunk)
+                            # Only the framed batch is kept (and counted): let the read go
+                            # before a wait for room, or a stalled stream holds it twice.
+                            chunk = b""
                             if payload:
                                 if not producer.forwarded:
                                     if not self._claim(producer):
@@ -533,12 +539,14 @@ class StreamRelay(ResponseBody):
         """
         policy = self._policy
         budget = self.budget
+        half = self._half_budget
         if policy is not Backpressure.BLOCK and policy is not Backpressure.ERROR:
-            return min(READ_SIZE, self._half_budget)
+            return min(READ_SIZE, half)
         if not budget.fits(self._read_floor):
             await self._wait_for_room(self._read_floor)
+        # At most half the budget: one batch is written while the next is read.
         # An event longer than the budget still has to be read to its end: in 1 KiB steps.
-        return max(_MIN_READ, min(READ_SIZE, budget.available - framer.pending_bytes))
+        return max(_MIN_READ, min(READ_SIZE, half, budget.available - framer.pending_bytes))
 
     async def _wait_for_room(self, size: int) -> None:
         """Wait until ``size`` bytes fit the budget; ``error`` waits at most ``max_wait``, then ends the stream."""
