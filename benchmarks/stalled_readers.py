@@ -5,7 +5,8 @@
 For each count N: starts the simulator (``sluice simulate``) and a gateway
 (``sluice serve``) as their own processes on 127.0.0.1 (gateway on core 0,
 simulator and clients on core 1, like the benchmark suite), opens N raw
-sockets (each with a 4 KiB receive buffer, set before connect) that each send
+sockets (each with a 4 KiB receive buffer, set before connect, unless
+``--client-rcvbuf`` says otherwise) that each send
 one streaming request for a long, fast stream (megabytes, no delay between
 tokens), read the response head, and then never read again. It waits until
 the gateway is steady (RSS and the host's TCP memory unchanged for a few
@@ -82,13 +83,14 @@ def gateway_socket_bytes(gateway_port: int, upstream_port: int) -> dict[str, int
     return sides
 
 
-def open_stalled(gateway_port: int, count: int, model: str) -> tuple[list[socket.socket], dict[int, int]]:
+def open_stalled(gateway_port: int, count: int, model: str, rcvbuf: int) -> tuple[list[socket.socket], dict[int, int]]:
     """Open ``count`` streams that read their head and nothing more; return the sockets and statuses seen."""
     sockets: list[socket.socket] = []
     statuses: dict[int, int] = {}
     for i in range(count):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.settimeout(30)
         sock.connect(("127.0.0.1", gateway_port))
         body = json.dumps(
@@ -133,7 +135,9 @@ def close_rst(sockets: list[socket.socket]) -> None:
         sock.close()
 
 
-def run_one(count: int, source: str | None, extra_env: dict[str, str], model: str = MODEL) -> dict[str, Any]:
+def run_one(
+    count: int, source: str | None, extra_env: dict[str, str], model: str = MODEL, rcvbuf: int = 4096
+) -> dict[str, Any]:
     env = {"SLUICE_STALL_TIMEOUT": "0", "SLUICE_LOG_LEVEL": "WARNING", **extra_env}
     if source:
         env["PYTHONPATH"] = os.path.join(os.path.abspath(source), "service")
@@ -154,7 +158,7 @@ def run_one(count: int, source: str | None, extra_env: dict[str, str], model: st
         http_json(gw + "/health")
         time.sleep(1.0)
         rss_before, tcp_before = rss_mb(gateway.pid), sockstat_tcp_bytes()
-        sockets, statuses = open_stalled(gw_port, count, model)
+        sockets, statuses = open_stalled(gw_port, count, model, rcvbuf)
         rss_steady, tcp_steady, waited = wait_steady(gateway.pid)
         own_sockets = gateway_socket_bytes(gw_port, sim_port)
         health = http_json(gw + "/health")
@@ -189,13 +193,16 @@ def main() -> int:
     parser.add_argument(
         "--model", default=MODEL, help="the simulated model ({i}: the stream's number); e.g. ttft_ms=600000 for streams that hold nothing"
     )
+    parser.add_argument(
+        "--client-rcvbuf", type=int, default=4096, help="the clients' SO_RCVBUF, bytes; 0 = kernel autotuning (a client host with room)"
+    )
     parser.add_argument("--source", help="another checkout whose service/ to run (default: this one)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the gateway (e.g. SLUICE_CLIENT_SNDBUF=65536)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the processes started below
     extra_env = dict(item.split("=", 1) for item in args.env)
-    results = [run_one(int(n), args.source, extra_env, args.model) for n in args.counts.split(",")]
+    results = [run_one(int(n), args.source, extra_env, args.model, args.client_rcvbuf) for n in args.counts.split(",")]
     print(json.dumps(results, indent=2))
     return 0
 
