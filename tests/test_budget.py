@@ -64,14 +64,15 @@ async def test_a_waiting_producer_resumes_once_enough_was_released() -> None:
         await budget.wait_until_fits(30)
         resumed = True
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(producer)
-        await trio.testing.wait_all_tasks_blocked()
-        assert budget.waiting and not resumed
-        budget.release(10)  # 80 held: 30 more still does not fit
-        await trio.testing.wait_all_tasks_blocked()
-        assert budget.waiting and not resumed
-        budget.release(20)  # 60 held: now it does
+    with trio.fail_after(10):  # a hang bound, not a timing
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert budget.waiting and not resumed
+            budget.release(10)  # 80 held: 30 more still does not fit
+            await trio.testing.wait_all_tasks_blocked()
+            assert budget.waiting and not resumed
+            budget.release(20)  # 60 held: now it does
     assert resumed and not budget.waiting
 
 
