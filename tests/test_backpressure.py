@@ -69,6 +69,7 @@ async def test_drop_policies_keep_the_upstream_flowing_and_report_what_they_drop
     assert figures["policy"] == policy
     delivered = len(sse.chunks)
     assert delivered + figures["dropped"] == figures["chunks"]
+    assert figures["peak_bytes"] <= gateway.settings.stream_buffer_bytes
     async with httpx2.AsyncClient(base_url=gateway.url) as http:
         metrics = (await http.get("/metrics/backpressure")).json()
     assert metrics["dropped"] == figures["dropped"]

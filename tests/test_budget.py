@@ -82,3 +82,14 @@ async def test_waiting_for_what_already_fits_returns_at_once() -> None:
     with trio.move_on_after(5) as timeout:
         await budget.wait_until_fits(50)
     assert not timeout.cancelled_caught and not budget.waiting
+
+
+def test_drop_oldest_keeps_the_newest_whole_events_of_a_batch_that_fit() -> None:
+    from sluice.relay import _newest_events
+
+    batch = b"data: a\n\ndata: bb\n\ndata: ccc\n\n"
+    assert _newest_events(batch, len(batch)) == batch
+    assert _newest_events(batch, len(batch) - 1) == b"data: bb\n\ndata: ccc\n\n"
+    assert _newest_events(batch, len(b"data: ccc\n\n")) == b"data: ccc\n\n"
+    assert _newest_events(batch, len(b"data: ccc\n\n") - 1) == b""
+    assert _newest_events(batch, 0) == b""

@@ -9,8 +9,9 @@ queued or being written; see :mod:`sluice.budget`) or its channel is full:
     room, and no more than the room, so TCP backpressure reaches the
     provider. The default.
 ``drop_oldest`` / ``drop_newest``
-    Discard the oldest queued batches until the new one fits, or the new
-    one; count their events.
+    Discard the oldest events not yet being written until the new batch
+    fits (whole batches, then the oldest events of the last one), or the
+    new batch; count the events discarded.
 ``error``
     Wait up to ``max_wait_ms`` for room, then end the stream with an error event.
 ``coalesce``

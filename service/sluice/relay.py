@@ -569,7 +569,9 @@ class StreamRelay(ResponseBody):
 
         Each policy keeps its meaning in bytes: ``block`` waits for room,
         ``error`` waits at most ``max_wait``, ``drop_newest`` discards this
-        batch, ``drop_oldest`` discards queued batches until this one fits,
+        batch, ``drop_oldest`` discards the oldest events not yet being
+        written (queued batches, then the oldest events of the newest
+        queued one, then of this one) until this one fits,
         ``coalesce`` merges what is queued with it (and waits like ``block``
         only when even the merged batch does not fit beside the write in
         flight).
@@ -614,12 +616,36 @@ class StreamRelay(ResponseBody):
             receive = self._receive
             assert receive is not None
             while not budget.fits(size) or receive.statistics().current_buffer_used >= self._capacity:
-                try:
-                    oldest = receive.receive_nowait()
-                except trio.WouldBlock:
-                    break  # nothing queued: what is held is the write in flight (at most half the budget)
+                # The oldest batch not yet being written: the one the consumer carried over, then the queue's.
+                carried = self._carried
+                if carried is not None:
+                    oldest, self._carried = carried, None
+                else:
+                    try:
+                        oldest = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break  # nothing queued: what is held is the write in flight (at most half the budget)
                 budget.release(len(oldest))
-                stats.dropped += oldest.count(b"\n\n")
+                kept = b""
+                if receive.statistics().current_buffer_used == 0 and (carried is not None or self._capacity >= 2):
+                    # Nothing newer is queued: drop only this batch's oldest events, as
+                    # many as the new batch needs room for (a batch can be half the budget).
+                    kept = _newest_events(oldest, budget.available - size)
+                stats.dropped += oldest.count(b"\n\n", 0, len(oldest) - len(kept))
+                if kept:
+                    budget.take(len(kept))
+                    if carried is not None:
+                        self._carried = kept
+                    else:
+                        send_channel.send_nowait(kept)
+                    break
+            if not budget.fits(size):
+                # Nothing left to drop but the write in flight: the new batch's own oldest events go.
+                kept = _newest_events(payload, budget.available)
+                stats.dropped += payload.count(b"\n\n", 0, size - len(kept))
+                payload, size = kept, len(kept)
+                if not payload:
+                    return
             budget.take(size)
             send_channel.send_nowait(payload)
         else:  # COALESCE: take back what is queued and merge it with the new batch.
@@ -640,3 +666,16 @@ class StreamRelay(ResponseBody):
                 await self._wait_for_room(len(merged))
             budget.take(len(merged))
             send_channel.send_nowait(merged)
+
+
+def _newest_events(batch: bytes, room: int) -> bytes:
+    """The newest whole events of ``batch`` that fit in ``room`` bytes (``b""`` if none)."""
+    if room <= 0:
+        return b""
+    if len(batch) <= room:
+        return batch
+    # An event starts right after a blank line: the first boundary at or past the cut.
+    boundary = batch.find(b"\n\n", max(0, len(batch) - room - 2))
+    if boundary < 0:
+        return b""
+    return batch[boundary + 2 :]
