@@ -34,6 +34,7 @@ the processes it starts (inherited), up to the hard limit.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -204,6 +205,9 @@ def main() -> int:
     extra_env = dict(item.split("=", 1) for item in args.env)
     results = [run_one(int(n), args.source, extra_env, args.model, args.client_rcvbuf) for n in args.counts.split(",")]
     print(json.dumps(results, indent=2))
+    # The started processes' logs (procs.start writes them beside the results), as run.py does.
+    for leftover in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "*.log.tmp")):
+        os.remove(leftover)
     return 0
 
 
