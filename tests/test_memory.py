@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 import httpx2
 import trio
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sluice.config import Settings
 from sluice.relay import StreamRelay
 from sluice.server import listening_socket
+from sluice.upstream import upstream_receive_buffer
 
 from .rawclient import RawStream
 from .support import Gateway, GatewayFactory, RunningSimulator, chat_body, parse_sse, wait_until
@@ -119,17 +121,27 @@ def test_client_connections_inherit_a_capped_send_buffer() -> None:
 
 
 async def test_upstream_connections_have_a_capped_receive_buffer(start_gateway: GatewayFactory) -> None:
-    assert Settings().upstream_rcvbuf == 65536
-    # Not the default here: this host's autotuned starting size is 2 x 65536 already.
-    gateway = await start_gateway(upstream_rcvbuf=32768)
+    gateway = await start_gateway()
+    assert gateway.settings.upstream_rcvbuf == 65536
     router = gateway.state.router
     assert router is not None
-    body = json.dumps(chat_body("sim:tokens=3")).encode()
+    # A long, fast body read as fast as it comes: autotuning would grow the buffer past its start.
+    body = json.dumps(chat_body("sim:tokens=20000", content="flood")).encode()
     response = await router.default_client.open_chat_stream(body)
     try:
+        async for _ in response.aiter_raw():
+            pass
         sock = response.extensions["network_stream"].get_extra_info("socket")
         # Linux doubles what is asked for (bookkeeping).
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 32768
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 65536
     finally:
         with trio.CancelScope(shield=True):
             await response.aclose()
+
+
+def test_an_upstream_receive_buffer_is_never_set_below_what_the_connection_started_with(tmp_path: Any) -> None:
+    sysctl = tmp_path / "tcp_rmem"
+    sysctl.write_text("4096\t131072\t6291456\n")
+    assert upstream_receive_buffer(8192, str(sysctl)) == 65536  # shrinking after connect stalls reads
+    assert upstream_receive_buffer(1 << 20, str(sysctl)) == 1 << 20
+    assert upstream_receive_buffer(8192, str(tmp_path / "missing")) == 8192

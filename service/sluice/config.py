@@ -161,7 +161,9 @@ class Settings(BaseSettings):
     #: SO_SNDBUF of client connections in bytes (the kernel doubles it); 0 = kernel
     #: autotuning, which grows to megabytes per socket when a client stops reading
     client_sndbuf: int = Field(default=65536, ge=0)
-    #: SO_RCVBUF of upstream connections in bytes (the kernel doubles it); 0 = kernel autotuning
+    #: SO_RCVBUF of upstream connections in bytes (the kernel doubles it); 0 = kernel autotuning.
+    #: Set after connect, so never below half the host's tcp_rmem default (131072 -> 65536):
+    #: it stops autotuning from growing the buffer, it cannot shrink it
     upstream_rcvbuf: int = Field(default=65536, ge=0)
 
     # --- requests ------------------------------------------------------------------
