@@ -19,6 +19,9 @@ from .rawclient import RawStream
 
 TOKENS = 6000
 SMALL_BUFFERS = {"buffer_size": 4, "client_sndbuf": 8192}
+#: coalesce merges the stalled stream's text (~36 KB for TOKENS tokens) into one chunk: it
+#: keeps the upstream flowing only while that fits the stream's byte budget
+ROOM_FOR_THE_TEXT = {"stream_buffer_bytes": 256 * 1024}
 
 
 async def _stalled_stream(gateway: Gateway, policy: str, model: str = f"sim:tokens={TOKENS}") -> RawStream:
@@ -35,16 +38,20 @@ async def test_block_is_lossless_and_pauses_the_upstream(
 ) -> None:
     gateway = await start_gateway(**SMALL_BUFFERS)
     raw = await _stalled_stream(gateway, "block")
-    # Proof that TCP backpressure reached the provider: its writes wait.
-    await wait_until(lambda: simulator.stats.write_wait_seconds_total > 0)
+    (relay,) = gateway.state.relays
+    # The stream's buffer is full and its producer waits, reading nothing more...
+    await wait_until(lambda: relay.budget.waiting)
     assert simulator.stats.requests_completed == 0
     sse = parse_sse(await raw.read_all())
+    # ...so TCP backpressure reached the provider: its writes waited (counted once they completed).
+    assert simulator.stats.write_wait_seconds_total > 0
     assert sse.text == "".join(simulated_tokens("flood", TOKENS))
     assert sse.ended_with_done
     figures = sse.figures
     assert figures["dropped"] == 0
     assert figures["blocked_ms"] > 0
-    assert figures["peak_queue"] == 4
+    assert 1 <= figures["peak_queue"] <= 4
+    assert 0 < figures["peak_bytes"] <= gateway.settings.stream_buffer_bytes
 
 
 @pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
@@ -62,6 +69,7 @@ async def test_drop_policies_keep_the_upstream_flowing_and_report_what_they_drop
     assert figures["policy"] == policy
     delivered = len(sse.chunks)
     assert delivered + figures["dropped"] == figures["chunks"]
+    assert figures["peak_bytes"] <= gateway.settings.stream_buffer_bytes
     async with httpx2.AsyncClient(base_url=gateway.url) as http:
         metrics = (await http.get("/metrics/backpressure")).json()
     assert metrics["dropped"] == figures["dropped"]
@@ -89,7 +97,7 @@ async def test_drop_newest_keeps_the_start_and_drop_oldest_keeps_the_end(
 async def test_coalesce_delivers_every_token_without_stalling_the_upstream(
     start_gateway: GatewayFactory, simulator: RunningSimulator
 ) -> None:
-    gateway = await start_gateway(**SMALL_BUFFERS)
+    gateway = await start_gateway(**SMALL_BUFFERS, **ROOM_FOR_THE_TEXT)
     raw = await _stalled_stream(gateway, "coalesce")
     await wait_until(lambda: simulator.stats.requests_completed == 1)
     sse = parse_sse(await raw.read_all())
@@ -99,6 +107,23 @@ async def test_coalesce_delivers_every_token_without_stalling_the_upstream(
     assert figures["coalesced"] > 0
     assert figures["dropped"] == 0
     assert len(sse.chunks) < figures["chunks"]  # fewer, larger chunks reached the client
+
+
+async def test_coalesce_waits_losslessly_once_even_the_merged_text_fills_the_byte_budget(
+    start_gateway: GatewayFactory, simulator: RunningSimulator
+) -> None:
+    gateway = await start_gateway(**SMALL_BUFFERS, stream_buffer_bytes=16 * 1024)
+    # ttft_ms: the head arrives alone, so no body bytes come with it (those go through as one batch).
+    raw = await _stalled_stream(gateway, "coalesce", model=f"sim:tokens={TOKENS},ttft_ms=50")
+    (relay,) = gateway.state.relays
+    await wait_until(lambda: relay.budget.waiting)
+    assert simulator.stats.requests_completed == 0
+    assert relay.budget.held <= 16 * 1024
+    sse = parse_sse(await raw.read_all())
+    assert sse.text == "".join(simulated_tokens("flood", TOKENS))
+    assert sse.ended_with_done
+    assert sse.figures["coalesced"] > 0
+    assert sse.figures["peak_bytes"] <= 16 * 1024
 
 
 async def test_error_policy_ends_a_stalled_stream_with_an_error_event(
@@ -132,7 +157,7 @@ async def test_body_field_picks_the_policy(start_gateway: GatewayFactory, simula
 async def test_gateway_default_policy_applies_without_a_choice(
     start_gateway: GatewayFactory, simulator: RunningSimulator
 ) -> None:
-    gateway = await start_gateway(**SMALL_BUFFERS, backpressure="coalesce")
+    gateway = await start_gateway(**SMALL_BUFFERS, **ROOM_FOR_THE_TEXT, backpressure="coalesce")
     raw = await RawStream.open(gateway.url, chat_body(f"sim:tokens={TOKENS}", content="flood"), rcvbuf=4096)
     await wait_until(lambda: simulator.stats.requests_completed == 1)
     sse = parse_sse(await raw.read_all())

@@ -381,9 +381,9 @@ async def test_client_dying_while_its_stream_channel_is_full_closes_the_upstream
 ) -> None:
     """A client that stopped reading (tiny receive buffer) until the gateway's channel filled, then died.
 
-    With ``block`` the producer is parked in ``send`` and the consumer in
-    hypercorn's shielded write; with ``error`` the producer is in its bounded
-    wait; with ``coalesce`` it keeps merging. Whichever, the death reaches the
+    With ``block`` the producer is parked waiting for room in its byte
+    budget and the consumer in hypercorn's shielded write; with ``error``
+    the producer is in its bounded wait; with ``coalesce`` it keeps merging. Whichever, the death reaches the
     stream's nursery and the upstream request is closed.
     """
     gateway = await start_gateway(client_sndbuf=4096, buffer_size=2, max_wait_ms=600000, stall_timeout=0)
@@ -400,8 +400,8 @@ async def test_client_dying_while_its_stream_channel_is_full_closes_the_upstream
         # Merging happens only when the channel is full.
         await wait_until(lambda: relay.stats.coalesced > 0, timeout=30)
     else:
-        # The upstream's writes wait: the producer is parked on a full channel.
-        await wait_until(lambda: simulator.stats.write_wait_seconds_total > 0, timeout=30)
+        # The producer is parked on a full byte budget, reading nothing more.
+        await wait_until(lambda: relay.budget.waiting, timeout=30)
     aborted = time.monotonic()
     await (raw.close_rst() if how == "rst" else raw.close_fin())
     await wait_until(lambda: simulator.stats.requests_closed_by_client == 1, timeout=30)

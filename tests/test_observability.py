@@ -34,11 +34,11 @@ async def test_metrics_count_requests_tokens_latency_disconnects_and_drops(gatew
         assert (await http.post("/v1/chat/completions", json={"model": "x"})).status_code == 400
         _, retried = await stream_chat(http, chat_body("sim:fault=status,status_code=503,fail_times=1,fault_key=m1,tokens=2"))
         assert retried.ended_with_done
-        # A client that stops reading: the channel fills to its capacity, then it leaves.
+        # A client that stops reading: its relay fills its byte budget, then it leaves.
         raw = await RawStream.open(gateway.url, chat_body("sim:tokens=100000"), rcvbuf=4096)
         await raw.read_head()
-        capacity = gateway.settings.buffer_size
-        await wait_until(lambda: any(relay.queue_depth == capacity for relay in gateway.state.relays))
+        await wait_until(lambda: any(relay.budget.waiting for relay in gateway.state.relays))
+        assert samples((await http.get("/metrics")).text)[("sluice_relay_buffered_bytes", ())] > 0
         await raw.close_rst()
         await wait_until(lambda: gateway.state.metrics.active_streams == 0)
         _, dropped = await stream_chat(
@@ -58,7 +58,10 @@ async def test_metrics_count_requests_tokens_latency_disconnects_and_drops(gatew
     assert got[("sluice_upstream_errors_total", (("code", "http_503"),))] == 1
     assert got[("sluice_client_disconnects_total", ())] == 1
     assert got[("sluice_backpressure_dropped_total", ())] == 0  # a fast reader: nothing dropped
-    assert got[("sluice_channel_peak_depth", ())] == gateway.settings.buffer_size
+    assert got[("sluice_channel_peak_depth", ())] == gateway.state.metrics.peak_queue_max >= 1
+    assert got[("sluice_relay_buffered_bytes", ())] == 0  # given back when the stream ended
+    assert got[("sluice_memory_budget_bytes", ())] == gateway.settings.memory_budget
+    assert got[("sluice_memory_budget_refusals_total", ())] == 0
     for name in ("sluice_hedges", "sluice_fallbacks", "sluice_rate_limited", "sluice_deployment_cooldowns"):
         assert f"# TYPE {name}_total counter" in response.text  # declared, even at zero
 

@@ -23,6 +23,9 @@ Invariants:
   :class:`~sluice.redaction.Scrubber` (provider and gateway keys); streamed
   content through one holding only the provider keys (see
   :func:`create_app`).
+* A stream is admitted only while the worker's relays hold less than its
+  memory budget (:class:`~sluice.budget.MemoryBudget`); otherwise 503
+  ``overloaded`` with ``retry-after``, before any upstream request.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import errors
+from .budget import MemoryBudget
 from .config import Settings
 from .connection import KeepAliveHTTPConnection
 from .logs import redact
@@ -75,6 +79,8 @@ class GatewayState:
     settings: Settings
     prometheus: PrometheusMetrics = field(init=False)
     metrics: GatewayMetrics = field(init=False)
+    #: bytes held in all streams' relay buffers, against ``settings.memory_budget``
+    memory: MemoryBudget = field(init=False)
     router: Router | None = None
     keys: KeyTable = field(init=False)
     limits: LimitStore = field(default_factory=LocalLimitStore)
@@ -94,6 +100,8 @@ class GatewayState:
             max_label_values=self.settings.metrics_max_label_values, models=(m.name for m in self.settings.models)
         )
         self.metrics = GatewayMetrics(self.prometheus)
+        self.memory = MemoryBudget(self.settings.memory_budget)
+        self.prometheus.memory_budget.set(self.memory.limit)
         self.keys = KeyTable(self.settings)
 
     async def drain(self, timeout: float, cut_short: trio.Event | None = None) -> None:
@@ -342,6 +350,14 @@ def create_app(settings: Settings) -> SluiceApp:
                 f"The gateway is at its limit of {settings.max_streams} concurrent streams.",
                 headers={"retry-after": "1"},
             )
+        memory = state.memory
+        if memory.full:
+            memory.refused += 1
+            state.prometheus.memory_budget_refusals.inc()
+            raise errors.Overloaded(
+                f"The gateway's stream buffers are full ({memory.used} of {memory.limit} bytes held); retry shortly.",
+                headers={"retry-after": "1"},
+            )
         key: VirtualKey | None = g.key
         if key is not None and key.limited:
             try:
@@ -375,6 +391,7 @@ def create_app(settings: Settings) -> SluiceApp:
             stats=stats,
             metrics=metrics,
             capacity=settings.buffer_size,
+            budget=state.memory.stream(settings.stream_buffer_bytes),
             policy=policy,
             max_wait=settings.max_wait_ms / 1000.0,
             first_token_timeout=settings.first_token_timeout,
@@ -406,6 +423,7 @@ def create_app(settings: Settings) -> SluiceApp:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
+        state.prometheus.relay_buffered.set(state.memory.used)
         # Off the loop: a render costs CPU in proportion to the series, and every stream of this worker waits while the loop does.
         body = await state.prometheus.render_off_loop()
         return Response(body, status=200, content_type=PROMETHEUS_CONTENT_TYPE)
@@ -414,6 +432,7 @@ def create_app(settings: Settings) -> SluiceApp:
     async def health() -> Response:
         status = "draining" if state.draining else "ok"
         body: dict[str, Any] = {"status": status, "active_streams": state.metrics.active_streams}
+        body["relay_buffered_bytes"] = state.memory.used
         probe_redis = getattr(state.limits, "probe", None)  # only the Redis store has one
         body["redis"] = await probe_redis() if probe_redis is not None else "off"
         body["process"] = process_figures()
@@ -423,6 +442,9 @@ def create_app(settings: Settings) -> SluiceApp:
     async def backpressure_metrics() -> dict[str, Any]:
         snapshot = state.metrics.snapshot()
         snapshot["buffer_size"] = settings.buffer_size
+        snapshot["stream_buffer_bytes"] = settings.stream_buffer_bytes
+        memory = state.memory
+        snapshot["memory"] = {"used": memory.used, "peak": memory.peak, "limit": memory.limit, "refused": memory.refused}
         snapshot["default_policy"] = settings.backpressure.value
         return snapshot
 

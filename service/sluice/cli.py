@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS [SLUICE_CORS_ORIGINS; default: CORS off]")
     serve.add_argument("--keep-alive-timeout", type=float, help="seconds an idle keep-alive connection is kept [SLUICE_KEEP_ALIVE_TIMEOUT, default 75]")
     serve.add_argument("--request-head-timeout", type=float, help="seconds a connection may take to send a request head [SLUICE_REQUEST_HEAD_TIMEOUT, default 10]")
-    serve.add_argument("--client-sndbuf", type=int, help="SO_SNDBUF of client connections, bytes [SLUICE_CLIENT_SNDBUF; default: kernel autotuning]")
+    serve.add_argument("--client-sndbuf", type=int, help="SO_SNDBUF of client connections, bytes; 0 = kernel autotuning [SLUICE_CLIENT_SNDBUF, default 65536]")
+    serve.add_argument("--upstream-rcvbuf", type=int, help="SO_RCVBUF of upstream connections, bytes; 0 = kernel autotuning [SLUICE_UPSTREAM_RCVBUF, default 65536]")
+    serve.add_argument("--stream-buffer-bytes", type=int, help="bytes one stream's relay may hold before its backpressure policy acts [SLUICE_STREAM_BUFFER_BYTES, default 65536]")
+    serve.add_argument("--memory-budget-bytes", type=int, help="bytes all streams' relays may hold before new streams get 503 [SLUICE_MEMORY_BUDGET_BYTES, default max_streams x stream_buffer_bytes]")
     serve.add_argument("--redis-url", help="Redis shared by workers and instances for key limits and cooldowns, e.g. redis://127.0.0.1:6379/0 [SLUICE_REDIS_URL; default: in-process]")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR [SLUICE_LOG_LEVEL, default INFO]")
 

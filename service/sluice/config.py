@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     # --- streams -------------------------------------------------------------------
     #: channel capacity in batches (one batch = what one upstream read returned)
     buffer_size: int = Field(default=16, ge=1, le=65536)
+    #: bytes one stream's relay may hold (its queue and the write in flight): the
+    #: per-stream memory bound; the backpressure policy decides what happens beyond it
+    stream_buffer_bytes: int = Field(default=65536, ge=1024)
+    #: bytes all streams' relays may hold together before new streams get 503 with
+    #: Retry-After; unset = max_streams x stream_buffer_bytes
+    memory_budget_bytes: int | None = Field(default=None, ge=1024)
     backpressure: Backpressure = Backpressure.BLOCK
     #: how long the ``error`` policy waits for room before ending the stream
     max_wait_ms: float = Field(default=1000.0, ge=0)
@@ -173,8 +179,13 @@ class Settings(BaseSettings):
     #: a connection must send a complete request head within this long of opening, or
     #: of the first byte of its next request (seconds)
     request_head_timeout: float = Field(default=10.0, gt=0)
-    #: SO_SNDBUF of client connections in bytes; unset = kernel autotuning
-    client_sndbuf: int | None = Field(default=None, ge=1024)
+    #: SO_SNDBUF of client connections in bytes (the kernel doubles it); 0 = kernel
+    #: autotuning, which grows to megabytes per socket when a client stops reading
+    client_sndbuf: int = Field(default=65536, ge=0)
+    #: SO_RCVBUF of upstream connections in bytes (the kernel doubles it); 0 = kernel autotuning.
+    #: Set after connect, so never below half the host's tcp_rmem default (131072 -> 65536):
+    #: it stops autotuning from growing the buffer, it cannot shrink it
+    upstream_rcvbuf: int = Field(default=65536, ge=0)
 
     # --- requests ------------------------------------------------------------------
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
@@ -242,6 +253,13 @@ class Settings(BaseSettings):
         if len(set(key_names)) != len(key_names):
             raise ValueError("keys: duplicate key name")
         return self
+
+    @property
+    def memory_budget(self) -> int:
+        """The worker's budget for relay buffers, in bytes."""
+        if self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        return self.max_streams * self.stream_buffer_bytes
 
     @property
     def retry_policy(self) -> RetryPolicy:

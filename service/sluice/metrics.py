@@ -38,6 +38,8 @@ class StreamStats:
     usage_completion_tokens: int | None = None
     batches: int = 0
     peak_queue: int = 0
+    #: the most bytes the stream's relay held at once (its queue and the write in flight)
+    peak_bytes: int = 0
     blocked_seconds: float = 0.0
     dropped: int = 0
     coalesced: int = 0
@@ -89,6 +91,7 @@ class StreamStats:
             "tokens": self.token_count,
             "tokens_per_s": None if tps is None else round(tps, 1),
             "peak_queue": self.peak_queue,
+            "peak_bytes": self.peak_bytes,
             "blocked_ms": round(self.blocked_seconds * 1000.0, 3),
             "dropped": self.dropped,
             "coalesced": self.coalesced,

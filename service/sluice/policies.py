@@ -1,18 +1,23 @@
 """Decisions, without I/O: which backpressure policy a stream uses, what to retry, how long to wait.
 
-Backpressure policies say what a stream's producer does when the channel to
-its consumer is full:
+Backpressure policies say what a stream's producer does when a new batch
+does not fit its byte budget (``stream_buffer_bytes``: what the relay holds,
+queued or being written; see :mod:`sluice.budget`) or its channel is full:
 
 ``block``
-    Wait for room (lossless). The upstream read pauses, so TCP backpressure
-    reaches the provider. The default.
+    Wait for room (lossless). The upstream is read only when there is
+    room, and no more than the room, so TCP backpressure reaches the
+    provider. The default.
 ``drop_oldest`` / ``drop_newest``
-    Discard the oldest queued batch or the new one, and count its events.
+    Discard the oldest events not yet being written until the new batch
+    fits (whole batches, then the oldest events of the last one), or the
+    new batch; count the events discarded.
 ``error``
     Wait up to ``max_wait_ms`` for room, then end the stream with an error event.
 ``coalesce``
-    Lossless without stalling the upstream: merge queued content deltas of
-    the same choice into one chunk (see :func:`sluice.wire.openai.coalesce_events`).
+    Lossless: merge queued content deltas of the same choice into one chunk
+    (see :func:`sluice.wire.openai.coalesce_events`); the upstream keeps
+    flowing while the merged text fits the budget, then waits as ``block``.
 
 Retries (before the first byte reaches the client, never after) are run by
 tenacity; this module builds its policy: which failures qualify, capped

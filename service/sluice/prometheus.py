@@ -112,6 +112,18 @@ class PrometheusMetrics:
         self.channel_peak = Gauge(
             "sluice_channel_peak_depth", "Deepest any stream's channel got.", registry=r, multiprocess_mode="max"
         )
+        self.relay_buffered = Gauge(
+            "sluice_relay_buffered_bytes",
+            "Bytes held in streams' relay buffers (set when /metrics is scraped).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.memory_budget = Gauge(
+            "sluice_memory_budget_bytes", "The relay buffers' memory budget.", registry=r, multiprocess_mode="livesum"
+        )
+        self.memory_budget_refusals = Counter(
+            "sluice_memory_budget_refusals", "Streams refused (503) because the memory budget was full.", registry=r
+        )
         self._peak = 0
 
     def request_refused(self, model: str, status: int) -> None:

@@ -26,8 +26,21 @@ Invariants:
   preceded by one ``: sluice {...}`` figures comment. Nothing follows it.
 * Retries happen only while nothing of the upstream's body has reached the
   channel (pings are comments, not content).
-* At most ``capacity`` batches are queued per stream: the channel's capacity
-  is the stream's memory bound in the gateway.
+* The stream's memory bound in the gateway is in bytes: its
+  :class:`~sluice.budget.StreamBudget`. The producer takes a batch's bytes
+  from it before the batch enters the channel; the consumer gives them back
+  once the batch was written to the client (when Quart asks for the next
+  one), so the budget covers the queue *and* the write in flight. Under
+  ``block`` and ``error`` the producer reads the upstream only when the
+  budget has room, and no more than the room; the other policies keep
+  reading and drop or merge queued batches to stay inside it. Reads and
+  consumer writes are at most half the budget each, so one batch is read
+  while another is written, and a policy that discards queued batches
+  always has room to make. The channel's item capacity (``buffer_size``)
+  still bounds the number of queued batches. Not counted: copies of a
+  batch below the relay (h11's framed copy of the write in flight) and
+  the part of an event the framer holds back (it is subtracted from the
+  next read).
 * No configured secret reaches the client: the terminal event (an upstream's
   error event, or a gateway error quoting the upstream) goes through the full
   scrubber; streamed content, whole events per upstream read, through the
@@ -54,6 +67,7 @@ import httpx2
 import trio
 from quart.wrappers.response import ResponseBody
 
+from .budget import StreamBudget
 from .errors import (
     BackpressureOverflow,
     ShuttingDown,
@@ -65,7 +79,7 @@ from .metrics import GatewayMetrics, StreamStats
 from .policies import Backpressure
 from .redaction import Scrubber
 from .router import Deployment, OpenedStream
-from .upstream_body import UpstreamBody
+from .upstream_body import READ_SIZE, UpstreamBody
 from .wire.openai import coalesce_events
 from .wire.sse import DONE_EVENT, EventFramer, comment_event, data_event
 
@@ -74,6 +88,8 @@ log = logging.getLogger("sluice.stream")
 PING_EVENT = b": ping\n\n"
 #: how long a finished stream may keep reading the upstream's end of body
 REUSE_GRACE = 0.25
+#: the smallest upstream read, also when the budget has less room
+_MIN_READ = 1024
 
 OpenUpstream = Callable[[], Awaitable[OpenedStream]]
 OpenHedge = Callable[[Deployment], Awaitable[OpenedStream]]
@@ -108,6 +124,7 @@ class StreamRelay(ResponseBody):
         stats: StreamStats,
         metrics: GatewayMetrics,
         capacity: int,
+        budget: StreamBudget,
         policy: Backpressure,
         max_wait: float,
         first_token_timeout: float,
@@ -127,6 +144,15 @@ class StreamRelay(ResponseBody):
         self.stats = stats
         self._metrics = metrics
         self._capacity = capacity
+        self.budget = budget
+        #: bytes of the batch Quart is writing now; given back when it asks for the next
+        self._in_flight = 0
+        #: a batch taken from the channel that did not fit the last write; the next one starts with it
+        self._carried: bytes | None = None
+        #: a consumer write and a non-waiting policy's read are at most half the budget
+        self._half_budget = max(1, budget.capacity // 2)
+        #: the waiting policies read once at least this much fits (no trickle of tiny reads)
+        self._read_floor = max(1, min(READ_SIZE, budget.capacity // 4))
         self._policy = policy
         self._max_wait = max_wait
         self._first_token_deadline = stats.started_at + first_token_timeout
@@ -225,6 +251,9 @@ class StreamRelay(ResponseBody):
             stats.outcome = "client_disconnect"
         if self._receive is not None:
             stats.peak_queue = self._receive.statistics().peak_buffer_used
+        stats.peak_bytes = self.budget.peak
+        self._in_flight = 0
+        self.budget.release_all()
         self._metrics.stream_finished(stats)
         log.info({"event": "stream", **stats.figures()})
 
@@ -234,13 +263,20 @@ class StreamRelay(ResponseBody):
         return self
 
     async def __anext__(self) -> bytes:
+        if self._in_flight:
+            # Quart asks for the next batch once the last one was written.
+            self.budget.release(self._in_flight)
+            self._in_flight = 0
         if self._finished:
             raise StopAsyncIteration
         receive = self._receive
         assert receive is not None
         try:
             try:
-                item = receive.receive_nowait()
+                if self._carried is not None:
+                    item, self._carried = self._carried, None
+                else:
+                    item = receive.receive_nowait()
             except trio.WouldBlock:
                 if self.stats.first_token_at is None:
                     # Waiting for the first token: keep proxies and browsers
@@ -254,9 +290,13 @@ class StreamRelay(ResponseBody):
                     item = await receive.receive()
         except trio.EndOfChannel:
             return self._finish()
-        # Batch: whatever else is already queued goes out in the same write.
+        # Batch: whatever else is already queued goes out in the same write,
+        # up to half the budget (so a drop policy always has queued batches
+        # to drop while a write is stuck).
         parts: list[bytes] | None = None
-        while True:
+        size = len(item)
+        limit = self._half_budget
+        while size < limit:
             try:
                 more = receive.receive_nowait()
             except trio.WouldBlock:
@@ -266,9 +306,14 @@ class StreamRelay(ResponseBody):
                     parts = [item]
                 parts.append(self._finish())
                 break
+            if size + len(more) > limit:
+                self._carried = more  # still held: it goes out first in the next write
+                break
             if parts is None:
                 parts = [item]
             parts.append(more)
+            size += len(more)
+        self._in_flight = size
         return item if parts is None else b"".join(parts)
 
     def _finish(self) -> bytes:
@@ -278,6 +323,7 @@ class StreamRelay(ResponseBody):
         stats.ended_at = trio.current_time()
         if self._receive is not None:
             stats.peak_queue = self._receive.statistics().peak_buffer_used
+        stats.peak_bytes = self.budget.peak
         if self._upstream_error_event is not None:
             stats.outcome = "error:upstream_error_event"
             terminal = self._upstream_error_event
@@ -408,8 +454,11 @@ class StreamRelay(ResponseBody):
                 with deadline:
                     body = UpstreamBody(response)
                     try:
-                        while chunk := await body.read():
+                        while chunk := await body.read(await self._read_allowance(framer)):
                             payload = framer.feed(chunk)
+                            # Only the framed batch is kept (and counted): let the read go
+                            # before a wait for room, or a stalled stream holds it twice.
+                            chunk = b""
                             if payload:
                                 if scrub_content is not None:
                                     # Whole events: a key cannot straddle two payloads.
@@ -492,45 +541,155 @@ class StreamRelay(ResponseBody):
         producer.opened = opened
         return True
 
-    async def _offer(self, send_channel: trio.MemorySendChannel[bytes], payload: bytes) -> None:
-        """Queue one batch, applying the stream's policy when the channel is full."""
+    async def _read_allowance(self, framer: EventFramer) -> int:
+        """How many bytes the next upstream read may return, waiting for room if the policy waits.
+
+        ``block`` and ``error`` read only what fits: while the client does not
+        read, neither does the producer, and TCP backpressure reaches the
+        upstream with at most the budget held here. The other policies keep
+        the upstream flowing, in reads of at most half the budget. The part
+        of an event the framer holds back comes out with the next batch, so
+        it counts as taken already.
+        """
+        policy = self._policy
+        budget = self.budget
+        half = self._half_budget
+        if policy is not Backpressure.BLOCK and policy is not Backpressure.ERROR:
+            return min(READ_SIZE, half)
+        if not budget.fits(self._read_floor):
+            await self._wait_for_room(self._read_floor)
+        # At most half the budget: one batch is written while the next is read.
+        # An event longer than the budget still has to be read to its end: in 1 KiB steps.
+        return max(_MIN_READ, min(READ_SIZE, half, budget.available - framer.pending_bytes))
+
+    async def _wait_for_room(self, size: int) -> None:
+        """Wait until ``size`` bytes fit the budget; ``error`` waits at most ``max_wait``, then ends the stream."""
+        stats = self.stats
+        waited_from = trio.current_time()
         try:
-            send_channel.send_nowait(payload)
-            return
-        except trio.WouldBlock:
-            pass
+            if self._policy is Backpressure.ERROR:
+                with trio.move_on_after(self._max_wait):
+                    await self.budget.wait_until_fits(size)
+                    return
+                raise BackpressureOverflow(
+                    f"The client read too slowly: no room in the stream's buffer for {self._max_wait * 1000:g} ms."
+                )
+            await self.budget.wait_until_fits(size)
+        finally:
+            stats.blocked_seconds += trio.current_time() - waited_from
+
+    async def _offer(self, send_channel: trio.MemorySendChannel[bytes], payload: bytes) -> None:
+        """Queue one batch, applying the stream's policy when its bytes or the channel do not fit.
+
+        Each policy keeps its meaning in bytes: ``block`` waits for room,
+        ``error`` waits at most ``max_wait``, ``drop_newest`` discards this
+        batch, ``drop_oldest`` discards the oldest events not yet being
+        written (queued batches, then the oldest events of the newest
+        queued one, then of this one) until this one fits,
+        ``coalesce`` merges what is queued with it (and waits like ``block``
+        only when even the merged batch does not fit beside the write in
+        flight).
+        """
+        budget = self.budget
+        size = len(payload)
+        if budget.fits(size):
+            try:
+                send_channel.send_nowait(payload)
+            except trio.WouldBlock:
+                pass
+            else:
+                budget.take(size)
+                return
         stats = self.stats
         policy = self._policy
-        if policy is Backpressure.BLOCK:
+        if policy is Backpressure.BLOCK or policy is Backpressure.ERROR:
+            if not budget.fits(size):
+                await self._wait_for_room(size)
+            # Counted before the send: the consumer may take and write it before send() returns.
+            budget.take(size)
             waited_from = trio.current_time()
-            await send_channel.send(payload)
-            stats.blocked_seconds += trio.current_time() - waited_from
+            try:
+                if policy is Backpressure.BLOCK:
+                    await send_channel.send(payload)
+                else:
+                    with trio.move_on_after(self._max_wait):
+                        await send_channel.send(payload)
+                        return
+                    budget.release(size)
+                    raise BackpressureOverflow(
+                        f"The client read too slowly: no room in the stream's buffer for {self._max_wait * 1000:g} ms."
+                    )
+            except trio.Cancelled:
+                budget.release(size)  # not sent: a cancelled memory-channel send delivers nothing
+                raise
+            finally:
+                stats.blocked_seconds += trio.current_time() - waited_from
         elif policy is Backpressure.DROP_NEWEST:
             stats.dropped += payload.count(b"\n\n")
         elif policy is Backpressure.DROP_OLDEST:
-            assert self._receive is not None
-            oldest = self._receive.receive_nowait()
-            stats.dropped += oldest.count(b"\n\n")
+            receive = self._receive
+            assert receive is not None
+            while not budget.fits(size) or receive.statistics().current_buffer_used >= self._capacity:
+                # The oldest batch not yet being written: the one the consumer carried over, then the queue's.
+                carried = self._carried
+                if carried is not None:
+                    oldest, self._carried = carried, None
+                else:
+                    try:
+                        oldest = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break  # nothing queued: what is held is the write in flight (at most half the budget)
+                budget.release(len(oldest))
+                kept = b""
+                if receive.statistics().current_buffer_used == 0 and (carried is not None or self._capacity >= 2):
+                    # Nothing newer is queued: drop only this batch's oldest events, as
+                    # many as the new batch needs room for (a batch can be half the budget).
+                    kept = _newest_events(oldest, budget.available - size)
+                stats.dropped += oldest.count(b"\n\n", 0, len(oldest) - len(kept))
+                if kept:
+                    budget.take(len(kept))
+                    if carried is not None:
+                        self._carried = kept
+                    else:
+                        send_channel.send_nowait(kept)
+                    break
+            if not budget.fits(size):
+                # Nothing left to drop but the write in flight: the new batch's own oldest events go.
+                kept = _newest_events(payload, budget.available)
+                stats.dropped += payload.count(b"\n\n", 0, size - len(kept))
+                payload, size = kept, len(kept)
+                if not payload:
+                    return
+            budget.take(size)
             send_channel.send_nowait(payload)
-        elif policy is Backpressure.ERROR:
-            waited_from = trio.current_time()
-            with trio.move_on_after(self._max_wait):
-                await send_channel.send(payload)
-                stats.blocked_seconds += trio.current_time() - waited_from
-                return
-            stats.blocked_seconds += trio.current_time() - waited_from
-            raise BackpressureOverflow(
-                f"The client read too slowly: no room in the stream's buffer for {self._max_wait * 1000:g} ms."
-            )
         else:  # COALESCE: take back what is queued and merge it with the new batch.
-            assert self._receive is not None
+            receive = self._receive
+            assert receive is not None
             queued: list[bytes] = []
             while True:
                 try:
-                    queued.append(self._receive.receive_nowait())
+                    queued.append(receive.receive_nowait())
                 except trio.WouldBlock:
                     break
+            budget.release(sum(len(batch) for batch in queued))
             queued.append(payload)
             merged, merged_away = coalesce_events(b"".join(queued))
             stats.coalesced += merged_away
+            if not budget.fits(len(merged)):
+                # Merging saved what it could; the rest waits for the client, losslessly.
+                await self._wait_for_room(len(merged))
+            budget.take(len(merged))
             send_channel.send_nowait(merged)
+
+
+def _newest_events(batch: bytes, room: int) -> bytes:
+    """The newest whole events of ``batch`` that fit in ``room`` bytes (``b""`` if none)."""
+    if room <= 0:
+        return b""
+    if len(batch) <= room:
+        return batch
+    # An event starts right after a blank line: the first boundary at or past the cut.
+    boundary = batch.find(b"\n\n", max(0, len(batch) - room - 2))
+    if boundary < 0:
+        return b""
+    return batch[boundary + 2 :]

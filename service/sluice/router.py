@@ -196,6 +196,7 @@ class Router:
                 connect_timeout=self._settings.connect_timeout,
                 retry_policy=self._settings.retry_policy,
                 key_header="x-api-key" if provider == "anthropic" else "authorization",
+                receive_buffer=self._settings.upstream_rcvbuf,
                 on_failure=self.events.attempt_failed,
             )
             self._clients[cache_key] = client

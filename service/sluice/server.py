@@ -73,7 +73,7 @@ def listening_socket(settings: Settings) -> socket.socket:
         # (including a zero window: a client that stopped reading) for this
         # long, and the stream is cancelled like any disconnect.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.stall_timeout * 1000))
-    if settings.client_sndbuf is not None:
+    if settings.client_sndbuf:
         # A fixed send buffer turns off the kernel's autotuning (megabytes per
         # socket on loopback): what a stalled client can park stays bounded.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.client_sndbuf)

@@ -114,23 +114,32 @@ class UpstreamBody:
         """The body is read below httpx2 (``False``: through ``aiter_raw()``)."""
         return self._fallback is None
 
-    async def read(self) -> bytes:
-        """The next payload bytes of the body; ``b""`` once it has ended."""
+    async def read(self, max_bytes: int = READ_SIZE) -> bytes:
+        """The next payload bytes of the body; ``b""`` once it has ended.
+
+        At most ``max_bytes`` of the body are taken per call (the relay passes
+        the room left in its stream's budget), also from the bytes that came
+        in with the response head; chunk framing is removed from them, so a
+        call returns at most that much payload. The fallback through
+        ``aiter_raw()`` reads as httpx2 does.
+        """
         if self._fallback is not None:
             try:
                 return await self._fallback.__anext__()
             except StopAsyncIteration:
                 self._ended = True
                 return b""
-        if self._buffered is not None:
-            buffered, self._buffered = self._buffered, None
-            payload = self._take(buffered, already_in_h11=True)
+        while self._buffered is not None:
+            # In slices of max_bytes (h11 has all of it already: it is not fed again).
+            buffered = self._buffered
+            self._buffered = buffered[max_bytes:] or None
+            payload = self._take(buffered[:max_bytes], already_in_h11=True)
             if payload:
                 return payload
         decoder = self._decoder
         while not decoder.finished:
             try:
-                data = await self._stream.receive_some(READ_SIZE)
+                data = await self._stream.receive_some(max_bytes)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise httpx2.ReadError(f"The upstream connection broke: {exc!r}") from exc
             if not data:
@@ -165,7 +174,7 @@ class UpstreamBody:
             if not already_in_h11:
                 self._h11.receive_data(data)
             self._drain_h11()
-            if decoder.at_chunk_boundary and not self._h11.trailing_data[0]:
+            if decoder.at_chunk_boundary and not self._h11.trailing_data[0] and self._buffered is None:
                 self._lockstep = False
         elif decoder.finished and not decoder.unused:
             # The body ended cleanly: let h11 reach the end of the response too.

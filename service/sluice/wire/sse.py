@@ -85,6 +85,11 @@ class EventFramer:
         return self.done or self.error is not None or self.malformed is not None
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes of an event begun but not ended, held back until it ends."""
+        return len(self._pending)
+
+    @property
     def has_partial_event(self) -> bool:
         return bool(self._pending.strip())
 
