@@ -407,6 +407,10 @@ class Simulator:
                         http.receive_data(data)  # a pipelined next request: keep it for later
                 except (trio.ClosedResourceError, h11.ProtocolError):
                     return  # we closed it ourselves (a fault)
+                if conn.closed:
+                    # We closed it ourselves before this task first ran (a reset
+                    # fault with no delay): a fault, not the client leaving.
+                    return
                 gone = True
                 record["closed_at"] = time.monotonic()
                 nursery.cancel_scope.cancel()
