@@ -82,10 +82,11 @@ class CompletionsRenderer:
         head = compact(self._envelope)[:-1] + b',"choices":[{"text":'
         self._head, self._n = b"data: " + head, exchange.n
         self._exchange, self._answer = exchange, answer
+        self._content_tails = [self._tail(index, None) for index in range(exchange.n)]
 
-    def _chunk(self, text: str, index: int, finish: str | None) -> bytes:
-        tail = b',"index":%d,"logprobs":null,"finish_reason":%s}]}\n\n' % (index, compact(finish))
-        return self._head + json.dumps(text).encode() + tail
+    @staticmethod
+    def _tail(index: int, finish: str | None) -> bytes:
+        return b',"index":%d,"logprobs":null,"finish_reason":%s}]}\n\n' % (index, compact(finish))
 
     def opening(self) -> bytes:
         return b""
@@ -94,10 +95,13 @@ class CompletionsRenderer:
         return b""
 
     def token(self, token: str) -> bytes:
-        return b"".join(self._chunk(token, index, None) for index in range(self._n))
+        text = self._head + json.dumps(token).encode()
+        if self._n == 1:
+            return text + self._content_tails[0]
+        return b"".join(text + tail for tail in self._content_tails)
 
     def closing(self, *, terminal: bool) -> bytes:
-        out = b"".join(self._chunk("", index, self._answer.finish) for index in range(self._n))
+        out = b"".join(self._head + b'""' + self._tail(index, self._answer.finish) for index in range(self._n))
         if self._include_usage:
             usage = {**self._envelope, "choices": [], "usage": _usage(self._exchange, self._answer)}
             out += b"data: " + compact(usage) + b"\n\n"
