@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from .behaviour import ChunkEncoder, completion_body, prompt_of, prompt_tokens
-from .grammar import Answer, BadRequest, Exchange, positive_int
+from .grammar import Answer, BadRequest, ErrorStyle, Exchange, positive_int
 
 #: the chat grammar's in-stream error (``fault=error_event``), also used by legacy completions
 OPENAI_ERROR_EVENT = (
@@ -21,7 +21,7 @@ MALFORMED_DATA = b"data: {not json\n\n"
 
 class ChatApi:
     name = "chat"
-    errors = "openai"
+    errors: ErrorStyle = "openai"
 
     def parse(self, payload: Any) -> Exchange:
         model = payload.get("model") if isinstance(payload, dict) else None

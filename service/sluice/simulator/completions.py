@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from .chat import MALFORMED_DATA, OPENAI_ERROR_EVENT
-from .grammar import Answer, BadRequest, Exchange, compact, positive_int, words
+from .grammar import Answer, BadRequest, ErrorStyle, Exchange, compact, positive_int, words
 
 
 def _prompt(payload: dict[str, Any]) -> str:
@@ -25,7 +25,7 @@ def _prompt(payload: dict[str, Any]) -> str:
 
 class CompletionsApi:
     name = "completions"
-    errors = "openai"
+    errors: ErrorStyle = "openai"
 
     def parse(self, payload: Any) -> Exchange:
         model = payload.get("model") if isinstance(payload, dict) else None

@@ -17,7 +17,7 @@ import math
 import struct
 from typing import Any
 
-from .grammar import Answer, BadRequest, Exchange, words
+from .grammar import Answer, BadRequest, ErrorStyle, Exchange, words
 
 DEFAULT_DIMENSIONS = 1536
 MAX_DIMENSIONS = 3072
@@ -51,7 +51,7 @@ def _texts(value: Any) -> list[str]:
 
 class EmbeddingsApi:
     name = "embeddings"
-    errors = "openai"
+    errors: ErrorStyle = "openai"
 
     def parse(self, payload: Any) -> Exchange:
         model = payload.get("model") if isinstance(payload, dict) else None

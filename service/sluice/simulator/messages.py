@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .grammar import Answer, BadRequest, Exchange, compact, positive_int, sse_event, text_of, words
+from .grammar import Answer, BadRequest, ErrorStyle, Exchange, compact, positive_int, sse_event, text_of, words
 
 OVERLOADED_EVENT = sse_event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
 
@@ -66,7 +66,7 @@ def _message(exchange: Exchange, answer: Answer, content: list[dict[str, Any]], 
 
 class MessagesApi:
     name = "messages"
-    errors = "anthropic"
+    errors: ErrorStyle = "anthropic"
 
     def parse(self, payload: Any) -> Exchange:
         return _parse(payload, generates=True)
@@ -81,7 +81,7 @@ class MessagesApi:
 
 class CountTokensApi:
     name = "count_tokens"
-    errors = "anthropic"
+    errors: ErrorStyle = "anthropic"
 
     def parse(self, payload: Any) -> Exchange:
         return _parse(payload, generates=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .grammar import Answer, BadRequest, Exchange, compact, positive_int, sse_event, text_of, words
+from .grammar import Answer, BadRequest, ErrorStyle, Exchange, compact, positive_int, sse_event, text_of, words
 
 ERROR_EVENT_DATA = {"code": "server_error", "message": "simulated upstream error", "param": None}
 
@@ -32,7 +32,7 @@ def _input_words(value: Any) -> int:
 
 class ResponsesApi:
     name = "responses"
-    errors = "openai"
+    errors: ErrorStyle = "openai"
 
     def parse(self, payload: Any) -> Exchange:
         model = payload.get("model") if isinstance(payload, dict) else None
