@@ -266,6 +266,18 @@ async def test_completions_through_the_openai_sdk_stream_and_not(simulator: Runn
     assert parse_sse(raw.content).ended_with_done
 
 
+async def test_completions_stream_n_choices_and_include_usage(simulator: RunningSimulator) -> None:
+    body = {"model": "sim:tokens=3", "prompt": ["two words"], "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    sse = parse_sse((await _post(simulator, "/v1/completions", body)).content)
+    texts: dict[int, str] = {}
+    for chunk in sse.chunks[:-1]:
+        [choice] = chunk["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: _expected("two words", 3), 1: _expected("two words", 3)}
+    assert sse.chunks[-1]["choices"] == [] and sse.chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+    assert sse.ended_with_done
+
+
 async def test_embeddings_through_the_openai_sdk_base64_by_default_and_float(simulator: RunningSimulator) -> None:
     def use_sdk() -> tuple[Any, Any]:
         sdk = _openai(simulator)
