@@ -34,29 +34,41 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import h11
 import trio
 
 from .behaviour import (
     Behaviour,
-    ChunkEncoder,
     SimParamError,
     SimulatorLimits,
     check_limits,
     check_model_name,
-    completion_body,
     error_body,
     iter_tokens,
     parse_behaviour,
-    prompt_of,
-    prompt_tokens,
 )
+from .chat import ChatApi
+from .completions import CompletionsApi
+from .embeddings import EmbeddingsApi
+from .grammar import Answer, Api, BadRequest, Exchange, StreamRenderer, error_json
+from .messages import CountTokensApi, MessagesApi
+from .responses import ResponsesApi
 
 log = logging.getLogger("sluice.simulator")
 
 _BATCH_BYTES = 65536
+
+#: the model APIs by path: each renders its own grammar over the shared token loop
+APIS: dict[str, Api] = {
+    "/v1/chat/completions": ChatApi(),
+    "/v1/completions": CompletionsApi(),
+    "/v1/responses": ResponsesApi(),
+    "/v1/messages": MessagesApi(),
+    "/v1/messages/count_tokens": CountTokensApi(),
+    "/v1/embeddings": EmbeddingsApi(),
+}
 _MAX_FAULT_KEYS = 100_000
 
 
@@ -221,8 +233,15 @@ class Simulator:
     async def _dispatch(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         path = request.target.decode("latin-1").split("?", 1)[0]
         method = request.method.decode("latin-1")
+        api = APIS.get(path)
+        if api is not None:
+            if method == "POST":
+                await self._api(conn, http, request, body, api)
+            else:
+                refusal = error_json(api.errors, 405, f"Method {method} not allowed", code="method_not_allowed")
+                await self._send_simple(conn, http, 405, refusal, [("allow", "POST")])
+            return
         routes = {
-            "/v1/chat/completions": ("POST", self._chat),
             "/v1/models": ("GET", self._models),
             "/sim/stats": ("GET", self._stats_route),
             "/sim/reset": ("POST", self._reset_route),
@@ -252,40 +271,42 @@ class Simulator:
         self.reset()
         await self._send_simple(conn, http, 200, b'{"reset":true}')
 
-    # --- chat completions ----------------------------------------------------------------
+    # --- the model APIs ------------------------------------------------------------------
 
-    async def _chat(self, conn: _Socket, http: h11.Connection, request: h11.Request, raw: bytes) -> None:
+    async def _api(self, conn: _Socket, http: h11.Connection, request: h11.Request, raw: bytes, api: Api) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+
+        async def refuse(message: str, param: str | None, code: str | None) -> None:
+            await self._send_simple(conn, http, 400, error_json(api.errors, 400, message, param=param, code=code))
+
         try:
             payload = json.loads(raw)
         except ValueError:
-            await self._send_simple(conn, http, 400, error_body("The body is not valid JSON.", code="invalid_json"))
-            return
-        model = payload.get("model") if isinstance(payload, dict) else None
-        messages = payload.get("messages") if isinstance(payload, dict) else None
-        if not isinstance(model, str) or not isinstance(messages, list) or not messages:
-            await self._send_simple(
-                conn, http, 400, error_body("'model' (string) and 'messages' (non-empty list) are required.", param="messages")
-            )
+            await refuse("The body is not valid JSON.", None, "invalid_json")
             return
         try:
-            check_model_name(model, self.limits)
-            behaviour = parse_behaviour(model, headers)
-            plan = _plan(payload, behaviour)
-            check_limits(behaviour, plan.tokens, plan.n, self.limits)
+            exchange = api.parse(payload)
+            check_model_name(exchange.model, self.limits)
+            behaviour = parse_behaviour(exchange.model, headers)
+            plan = _plan(exchange, behaviour)
+            check_limits(behaviour, plan.tokens, exchange.n, self.limits)
+        except BadRequest as exc:
+            await refuse(str(exc), exc.param, exc.code)
+            return
         except SimParamError as exc:
-            await self._send_simple(conn, http, 400, error_body(str(exc), param=exc.param, code=exc.code))
+            await refuse(str(exc), exc.param, exc.code)
             return
         behaviour = self._apply_fail_times(behaviour)
         stats = self.stats
         stats.requests_started += 1
         stats.active_requests += 1
-        if "authorization" in headers:
+        if "authorization" in headers or "x-api-key" in headers:
             stats.authorization_seen += 1
         record: dict[str, Any] = {
             "id": next(self._ids),
-            "model": model,
-            "stream": bool(payload.get("stream")),
+            "api": api.name,
+            "model": exchange.model,
+            "stream": exchange.stream,
             "outcome": "running",
             "chunks_sent": 0,
             "started_at": time.monotonic(),
@@ -293,9 +314,11 @@ class Simulator:
             "closed_at": None,
             "write_wait_seconds": 0.0,
         }
+        if api.errors == "anthropic":
+            record["anthropic_version"] = headers.get("anthropic-version")
         stats.records.append(record)
         try:
-            await self._answer(conn, http, payload, behaviour, plan, record)
+            await self._answer(conn, http, api, exchange, behaviour, plan, record)
         except _ClientGone:
             record["outcome"] = "closed_by_client"
             record["closed_at"] = record["closed_at"] or time.monotonic()
@@ -328,7 +351,8 @@ class Simulator:
         self,
         conn: _Socket,
         http: h11.Connection,
-        payload: dict[str, Any],
+        api: Api,
+        exchange: Exchange,
         behaviour: Behaviour,
         plan: _Plan,
         record: dict[str, Any],
@@ -345,30 +369,27 @@ class Simulator:
                 extra.append(("retry-after", f"{retry_after:g}"))
             if behaviour.retry_after_ms is not None:
                 extra.append(("retry-after-ms", f"{behaviour.retry_after_ms:g}"))
-            kind = "rate_limit_error" if behaviour.status_code == 429 else (
-                "server_error" if behaviour.status_code >= 500 else "invalid_request_error"
-            )
-            body = error_body(f"simulated {behaviour.status_code}", type_=kind, code=f"simulated_{behaviour.status_code}")
-            await self._send_simple(conn, http, behaviour.status_code, body, extra)
+            status = behaviour.status_code
+            body = error_json(api.errors, status, f"simulated {status}", code=f"simulated_{status}")
+            await self._send_simple(conn, http, status, body, extra)
             return
-        count, n, finish_reason = plan.tokens, plan.n, plan.finish_reason
-        tokens = iter_tokens(prompt_of(payload["messages"]), count, behaviour.seed)
-        completion_id = f"chatcmpl-sim-{record['id']}"
-        created = int(time.time())
-        model = payload["model"]
-        if payload.get("stream"):
-            stream_options = payload.get("stream_options")
-            include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-            encoder = ChunkEncoder(completion_id, created, model, include_usage=include_usage)
-            usage = encoder.usage(prompt_tokens(payload["messages"]), count) if include_usage else b""
-            await self._stream(conn, http, behaviour, encoder, tokens, count, n, finish_reason, usage, record)
+        count = plan.tokens
+        prompt, seed = exchange.prompt, behaviour.seed
+        answer = Answer(
+            number=record["id"],
+            created=int(time.time()),
+            tokens=count,
+            finish=plan.finish_reason,
+            text=lambda: "".join(iter_tokens(prompt, count, seed)),  # bounded: count x n <= limits.max_tokens
+        )
+        if exchange.stream:
+            renderer = api.stream(exchange, answer)
+            await self._stream(conn, http, behaviour, renderer, iter_tokens(prompt, count, seed), count, record)
             return
         delay = (behaviour.ttft_ms + behaviour.itl_ms * max(0, count - 1)) / 1000.0
         if delay:
             await self._watching(conn, http, record, trio.sleep, delay)
-        text = "".join(tokens)  # bounded: count x n <= limits.max_tokens
-        body = completion_body(completion_id, created, model, text, finish_reason, n, prompt_tokens(payload["messages"]), count)
-        await self._send_simple(conn, http, 200, json.dumps(body).encode())
+        await self._send_simple(conn, http, 200, api.body(exchange, answer))
         record["outcome"] = "completed"
 
     async def _watching(self, conn: _Socket, http: h11.Connection, record: dict[str, Any], fn: Any, *args: Any) -> None:
@@ -386,6 +407,10 @@ class Simulator:
                         http.receive_data(data)  # a pipelined next request: keep it for later
                 except (trio.ClosedResourceError, h11.ProtocolError):
                     return  # we closed it ourselves (a fault)
+                if conn.closed:
+                    # We closed it ourselves before this task first ran (a reset
+                    # fault with no delay): a fault, not the client leaving.
+                    return
                 gone = True
                 record["closed_at"] = time.monotonic()
                 nursery.cancel_scope.cancel()
@@ -408,12 +433,9 @@ class Simulator:
         conn: _Socket,
         http: h11.Connection,
         behaviour: Behaviour,
-        encoder: ChunkEncoder,
+        renderer: StreamRenderer,
         tokens: Iterator[str],
         count: int,
-        n: int,
-        finish_reason: str,
-        usage: bytes,
         record: dict[str, Any],
     ) -> None:
         stats = self.stats
@@ -432,10 +454,10 @@ class Simulator:
             fault, after = behaviour.fault, behaviour.after
             first_at = trio.current_time() + behaviour.ttft_ms / 1000.0
             itl = behaviour.itl_ms / 1000.0
-            buffer = bytearray()
+            buffer = bytearray(renderer.opening())
             for i in range(count + 1):
                 if fault is not None and i == after:
-                    if await self._strike(conn, http, behaviour, buffer, flush, record):
+                    if await self._strike(conn, http, behaviour, renderer, buffer, flush, record):
                         return
                 if i == count:
                     break
@@ -445,22 +467,15 @@ class Simulator:
                     await flush(buffer)
                     await trio.sleep_until(due)
                 if i == 0:
-                    for index in range(n):
-                        buffer += encoder.role(index)
-                for index in range(n):
-                    buffer += encoder.content(token, index)
+                    buffer += renderer.first()
+                buffer += renderer.token(token)
                 record["chunks_sent"] += 1
                 if len(buffer) >= _BATCH_BYTES:
                     await flush(buffer)
                     await trio.lowlevel.checkpoint()
             if count == 0:
-                for index in range(n):
-                    buffer += encoder.role(index)
-            for index in range(n):
-                buffer += encoder.finish(finish_reason, index)
-            buffer += usage
-            if fault != "no_done":
-                buffer += b"data: [DONE]\n\n"
+                buffer += renderer.first()
+            buffer += renderer.closing(terminal=fault != "no_done")
             await flush(buffer)
             await conn.send_all(http.send(h11.EndOfMessage()))
             record["outcome"] = "fault" if fault == "no_done" else "completed"
@@ -468,12 +483,19 @@ class Simulator:
         await self._watching(conn, http, record, write)
 
     async def _strike(
-        self, conn: _Socket, http: h11.Connection, behaviour: Behaviour, buffer: bytearray, flush: Any, record: dict[str, Any]
+        self,
+        conn: _Socket,
+        http: h11.Connection,
+        behaviour: Behaviour,
+        renderer: StreamRenderer,
+        buffer: bytearray,
+        flush: Any,
+        record: dict[str, Any],
     ) -> bool:
         """Apply a mid-stream fault; True when the response ends here."""
         fault = behaviour.fault
         if fault == "malformed":
-            buffer += b"data: {not json\n\n"
+            buffer += renderer.malformed()
             return False
         await flush(buffer)
         if fault == "reset":
@@ -486,8 +508,7 @@ class Simulator:
             await trio.sleep(behaviour.stall_ms / 1000.0)
             return False
         if fault == "error_event":
-            event = b'data: {"error": {"message": "simulated upstream error", "type": "server_error", "param": null, "code": "simulated"}}\n\n'
-            await conn.send_all(http.send(h11.Data(data=event)) + http.send(h11.EndOfMessage()))
+            await conn.send_all(http.send(h11.Data(data=renderer.error_event())) + http.send(h11.EndOfMessage()))
             record["outcome"] = "fault"
             return True
         return False  # no_done strikes at the end, not here
@@ -495,21 +516,19 @@ class Simulator:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """What one answer will be: tokens per choice, choices, and why it ends."""
+    """What one answer will be: tokens per choice and why it ends."""
 
     tokens: int
-    n: int
-    finish_reason: str
+    finish_reason: Literal["stop", "length"]
 
 
-def _plan(payload: dict[str, Any], behaviour: Behaviour) -> _Plan:
-    limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
-    count = behaviour.tokens
-    finish_reason = "stop"
-    if isinstance(limit, int) and 0 < limit < count:
-        count, finish_reason = limit, "length"
-    n = payload.get("n")
-    return _Plan(count, n if isinstance(n, int) and n > 0 else 1, finish_reason)
+def _plan(exchange: Exchange, behaviour: Behaviour) -> _Plan:
+    if not exchange.generates:
+        return _Plan(0, "stop")
+    limit, count = exchange.max_tokens, behaviour.tokens
+    if limit is not None and limit < count:
+        return _Plan(limit, "length")
+    return _Plan(count, "stop")
 
 
 async def serve_simulator(
