@@ -26,6 +26,10 @@
 #                           Grafana query parsed by promtool, every series name
 #                           in the dashboard and the alerts exported; Grafana's
 #                           provisioning files match the dashboard
+#                           then deploy/live_check.py: a real Prometheus (from
+#                           the same .deb) scraping the gateway under traffic
+#                           must return series for every dashboard query, and
+#                           SluiceDeploymentInCooldown must fire
 #   7. only with --build: the image's build stage without Docker: `pip install .`
 #                           from exactly the files .dockerignore lets in, into a
 #                           fresh venv, then `sluice serve` and the Dockerfile's
@@ -144,12 +148,15 @@ say "deploy/nginx/nginx.conf: OK ($("$NGINX" -v 2>&1), nginx -t with gateway -> 
 PROMTOOL=$(command -v promtool || true)
 if [ -n "$PROMTOOL" ] && ! "$PROMTOOL" --version >/dev/null 2>&1; then PROMTOOL=; fi
 if [ -z "$PROMTOOL" ] && [ -x "$TOOLS/promtool/usr/bin/promtool" ]; then PROMTOOL=$TOOLS/promtool/usr/bin/promtool; fi
-if [ -z "$PROMTOOL" ]; then
-    # Only the binary: installing the package would also start a Prometheus
+prometheus_deb() {  # Debian's prometheus package unpacked under $TOOLS/promtool: promtool and prometheus
+    # Only the files: installing the package would also start a Prometheus
     # server on hosts that run systemd.
     if [ "$(id -u)" -eq 0 ] && [ -z "$APT_UPDATED" ]; then apt-get update -qq >/dev/null 2>&1 || true; APT_UPDATED=1; fi
     rm -rf "$TOOLS/promtool" && mkdir -p "$TOOLS/promtool"
     (cd "$WORK" && apt-get download prometheus >/dev/null 2>&1 && dpkg-deb -x prometheus_*.deb "$TOOLS/promtool") || true
+}
+if [ -z "$PROMTOOL" ]; then
+    prometheus_deb
     if [ -x "$TOOLS/promtool/usr/bin/promtool" ]; then PROMTOOL=$TOOLS/promtool/usr/bin/promtool; fi
 fi
 [ -n "$PROMTOOL" ] || fail "promtool is not installed and Debian's prometheus package could not be downloaded"
@@ -235,6 +242,17 @@ dashboard = json.load(open("deploy/grafana/dashboards/sluice.json"))
 assert variable["current"]["value"] == source["uid"], "the dashboard's default datasource is not the provisioned one"
 PY
 say "deploy/grafana: OK ($(cat "$WORK/dashboard.log"); every query parsed by promtool; provisioning matches)"
+
+# --- 6b. the dashboard and the alerts against live traffic (~15 s) ---------------------
+PROMETHEUS=$(dirname "$PROMTOOL")/prometheus
+if ! "$PROMETHEUS" --version >/dev/null 2>&1; then
+    [ -x "$TOOLS/promtool/usr/bin/prometheus" ] || prometheus_deb
+    PROMETHEUS=$TOOLS/promtool/usr/bin/prometheus
+fi
+"$PROMETHEUS" --version >/dev/null 2>&1 || fail "no prometheus binary (Debian's prometheus package could not be downloaded)"
+.venv/bin/python -m deploy.live_check --sluice .venv/bin/sluice --prometheus "$PROMETHEUS" >"$WORK/live.log" 2>&1 \
+    || fail "the dashboard or the alerts against a live gateway: $(tail -c 3000 "$WORK/live.log")"
+say "live: OK ($(tail -n1 "$WORK/live.log"))"
 
 # --- 7. the build stage, without Docker (--build) -----------------------------------
 if [ -n "$BUILD" ]; then
