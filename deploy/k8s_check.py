@@ -10,15 +10,22 @@ its tools venv). Each assertion names a promise docs/deployment.md makes:
   ``terminationGracePeriodSeconds``, and liveness tolerates the drain's 503s;
 * readiness and liveness ask ``/health``; the config comes from the generated
   ConfigMap; provider keys from the Secret; Prometheus finds each pod;
+* ``SluiceStreamsNearLimit``'s constant is the pods' stream limit
+  (``max_streams`` of the ConfigMap's file x ``SLUICE_WORKERS``);
 * the default has every part (Service, PDB, HPA, Redis); the single-node
   trial has one replica and no PDB (it would block draining the one node).
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import tomllib
+from pathlib import Path
 
 import yaml
+
+ALERTS = Path(__file__).resolve().parent / "prometheus" / "alerts.yml"
 
 
 def objects(path: str) -> dict[tuple[str, str], dict]:
@@ -59,6 +66,11 @@ def main(default_path: str, single_node_path: str) -> None:
     [config_volume] = [v for v in spec["volumes"] if "configMap" in v]
     assert ("ConfigMap", config_volume["configMap"]["name"]) in full, "the mounted ConfigMap is not the generated one"
     assert env["SLUICE_REDIS_URL"].startswith("redis://sluice-redis:") and ("Service", "sluice-redis") in full
+
+    config = tomllib.loads(full["ConfigMap", config_volume["configMap"]["name"]]["data"]["sluice.toml"])
+    pod_limit = config.get("max_streams", 1024) * int(env.get("SLUICE_WORKERS") or 1)
+    [alert_limit] = re.findall(r"sluice_streams_active\) > 0\.9 \* (\d+)", ALERTS.read_text())
+    assert int(alert_limit) == pod_limit, f"SluiceStreamsNearLimit assumes {alert_limit} streams, a pod allows {pod_limit}"
 
 
 if __name__ == "__main__":
