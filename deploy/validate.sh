@@ -25,7 +25,7 @@
 #                           deploy/dashboard_check.py on its /metrics: every
 #                           Grafana query parsed by promtool, every series name
 #                           in the dashboard and the alerts exported; Grafana's
-#                           provisioning files match the dashboard
+#                           provisioning files match the dashboard;
 #                           then deploy/live_check.py: a real Prometheus (from
 #                           the same .deb) scraping the gateway under traffic
 #                           must return series for every dashboard query, and
