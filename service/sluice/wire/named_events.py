@@ -12,7 +12,8 @@ Invariants (besides those of :mod:`sluice.wire.grammar`):
   endings normalised to ``\\n``); only preamble keep-alives (``ping`` events,
   SSE comments before the first content event) are dropped, because the
   relay sends its own :attr:`~sluice.wire.grammar.Grammar.ping_event` while
-  the client waits.
+  the client waits, and extra blank lines between events, so that the
+  forwarded bytes never depend on where the upstream's reads were split.
 * :attr:`upstream_error` and :attr:`terminal` start with the held preamble
   when no content was forwarded, so whichever the relay writes last, the
   client's SDK sees a well-formed stream (e.g. ``response.created`` first).
@@ -105,8 +106,8 @@ class NamedEventFramer:
         """The API's own error event for a gateway error (without preamble)."""
         raise NotImplementedError
 
-    def _seen(self, complete: bytes) -> None:
-        """Called with every run of whole events before they are classified (sequence tracking)."""
+    def _seen(self, consumed: bytes) -> None:
+        """Called with the whole events each read consumed (up to a final one; sequence tracking)."""
 
     # --- the protocol -----------------------------------------------------------------
 
@@ -148,8 +149,8 @@ class NamedEventFramer:
             return b""
         self._pending = data[end + 2 :] + held
         complete = data[: end + 2]
-        self._seen(complete)
         if self.content_started and self._plain(complete):
+            self._seen(complete)
             self.events += complete.count(b"\n\n")
             self.content_deltas += complete.count(self.delta_line)
             return complete
@@ -175,9 +176,16 @@ class NamedEventFramer:
 
     def _scan_each(self, complete: bytes) -> bytes:
         parts = complete.split(b"\n\n")
-        parts.pop()  # the empty string after the final blank line
+        parts.pop()  # what follows the final blank line: empty, or one more newline
         out: list[bytes] = []
-        for event in parts:
+        consumed = len(parts)
+        for position, event in enumerate(parts):
+            if event.startswith(b"\n"):
+                # Extra blank lines between events: nothing in SSE. Dropped, so that
+                # the forwarded bytes do not depend on where the reads were split.
+                event = event.lstrip(b"\n")
+            if not event:
+                continue
             name, payload = _fields(event)
             if payload is None:
                 # A comment, or an event without data (SSE clients dispatch nothing for it):
@@ -188,6 +196,7 @@ class NamedEventFramer:
             stripped = payload.strip()
             if not (stripped.startswith(b"{") and stripped.endswith(b"}")):
                 self._fail(f"the upstream sent an event whose data is not a JSON object: {payload[:80]!r}")
+                consumed = position + 1
                 break
             obj: dict[str, Any] | None = None
             if name is None:
@@ -196,6 +205,7 @@ class NamedEventFramer:
                 kind = obj.get("type") if obj is not None else None
                 if not isinstance(kind, str):
                     self._fail(f"the upstream sent an event without a type: {payload[:80]!r}")
+                    consumed = position + 1
                     break
                 name = kind.encode()
             if name in self.error_types or name in self.terminal_types or name in self.inspected:
@@ -203,15 +213,18 @@ class NamedEventFramer:
                     obj = _load_object(stripped)
                 if obj is None:
                     self._fail(f"the upstream sent a {name.decode(errors='replace')} event that is not JSON")
+                    consumed = position + 1
                     break
                 self._inspect(name, obj)
                 if name in self.error_types:
                     self.upstream_error = self._end_bytes(event)
                     self.finished = True
+                    consumed = position + 1
                     break
                 if name in self.terminal_types:
                     self._terminal = self._end_bytes(event)
                     self.done = self.finished = True
+                    consumed = position + 1
                     break
             if self.content_started:
                 out.append(event)
@@ -230,12 +243,14 @@ class NamedEventFramer:
                 self.events += 1  # counted now: it is returned with the first content event
                 if len(self._preamble) > self._max_event_size:
                     self._fail(f"the upstream's preamble exceeded {self._max_event_size} bytes")
+                    consumed = position + 1
                     break
                 continue
             if name == self.delta_type:
                 self.content_deltas += 1
         if self.finished:
             self._pending = b""
+        self._seen(complete if consumed == len(parts) else b"\n\n".join(parts[:consumed]))
         if not out:
             return b""
         return b"\n\n".join(out) + b"\n\n"
