@@ -44,6 +44,7 @@ from .openai import BackpressureName, check_model_name_length, load_json_object,
 from .request import ForwardedRequest
 
 __all__ = [
+    "COUNT_TOKENS_PATH",
     "MESSAGES",
     "CountTokensRequest",
     "MessagesFramer",
@@ -55,6 +56,9 @@ __all__ = [
     "parse_count_tokens_request",
     "parse_messages_request",
 ]
+
+#: the upstream path of a ``count_tokens`` request (:func:`parse_count_tokens_request`)
+COUNT_TOKENS_PATH: Final = "/messages/count_tokens"
 
 #: Anthropic's error type per HTTP status (docs' "HTTP errors"; the SDK's ``ErrorType``)
 _ERROR_TYPES: Final = {
