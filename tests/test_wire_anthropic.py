@@ -93,6 +93,7 @@ def test_error_before_content_is_held_and_nothing_is_forwarded() -> None:
     assert framer.feed(MESSAGE_START + OVERLOADED + BLOCK_START) == b""
     assert framer.finished and not framer.done and not framer.content_started
     assert framer.upstream_error == MESSAGE_START + OVERLOADED
+    assert framer.events == 0  # message_start was never returned by feed
     assert framer.usage == Usage(input_tokens=25, output_tokens=1)
 
 

@@ -76,6 +76,7 @@ def test_error_before_content_is_held_with_the_preamble_and_nothing_is_forwarded
     assert framer.finished and not framer.done
     assert not framer.content_started
     assert framer.upstream_error == created() + in_progress() + UPSTREAM_ERROR
+    assert framer.events == 0  # the preamble was never returned by feed
 
 
 @pytest.mark.parametrize("error", [UPSTREAM_ERROR, FAILED], ids=["error", "response.failed"])

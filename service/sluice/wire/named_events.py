@@ -58,6 +58,7 @@ class NamedEventFramer:
     __slots__ = (
         "_pending",
         "_preamble",
+        "_preamble_events",
         "_max_event_size",
         "_terminal",
         "_input_tokens",
@@ -81,6 +82,7 @@ class NamedEventFramer:
     def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
         self._pending = b""
         self._preamble = b""
+        self._preamble_events = 0
         self._max_event_size = max_event_size
         self._terminal = b""
         self._input_tokens: int | None = None
@@ -236,11 +238,12 @@ class NamedEventFramer:
                 if self._preamble:
                     out.append(self._preamble[:-2])  # its events, rejoined below
                     self._preamble = b""
+                    self.events += self._preamble_events
                 out.append(event)
                 self.events += 1
             else:
                 self._preamble += event + b"\n\n"
-                self.events += 1  # counted now: it is returned with the first content event
+                self._preamble_events += 1
                 if len(self._preamble) > self._max_event_size:
                     self._fail(f"the upstream's preamble exceeded {self._max_event_size} bytes")
                     consumed = position + 1
