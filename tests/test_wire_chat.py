@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 
+import httpx2
 import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluice.errors import InvalidRequest, StreamInterrupted
-from sluice.wire.chat import CHAT, COMPLETIONS, ChatFramer, CompletionsFramer, coalesce_completions, parse_chat, parse_completions
+from sluice.wire.chat import (
+    CHAT,
+    COMPLETIONS,
+    ChatFramer,
+    CompletionsFramer,
+    coalesce_completions,
+    parse_chat,
+    parse_completions,
+)
 from sluice.wire.grammar import Usage
 from sluice.wire.sse import DONE_EVENT
 
@@ -123,15 +132,14 @@ def test_a_stream_of_only_the_added_usage_chunk_has_no_content() -> None:
 
 
 def test_the_openai_sdk_reads_the_stripped_stream_as_a_stream_without_usage() -> None:
-    import httpx2
-
     framer = parse_chat(CHAT_BODY).new_framer()
     body = framer.feed(chunk("Hel") + chunk("lo") + USAGE_CHUNK + DONE_EVENT) + framer.terminal
 
     def handler(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body)
 
-    client = openai.OpenAI(api_key="k", base_url="http://t/v1", http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+    transport = httpx2.MockTransport(handler)
+    client = openai.OpenAI(api_key="k", base_url="http://t/v1", http_client=httpx2.Client(transport=transport))
     items = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert "".join(item.choices[0].delta.content or "" for item in items) == "Hello"
     assert all(item.usage is None for item in items)

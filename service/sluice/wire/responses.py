@@ -50,7 +50,15 @@ from .named_events import NamedEventFramer, int_or_none
 from .openai import BackpressureName, check_model_name_length, load_json_object, validate_body
 from .request import ForwardedRequest
 
-__all__ = ["RESPONSES", "ResponsesFramer", "ResponsesGrammar", "ResponsesRequest", "coalesce", "parse_responses_request"]
+__all__ = [
+    "PREAMBLE_TYPES",
+    "RESPONSES",
+    "ResponsesFramer",
+    "ResponsesGrammar",
+    "ResponsesRequest",
+    "coalesce",
+    "parse_responses_request",
+]
 
 PREAMBLE_TYPES: Final = frozenset({b"response.created", b"response.in_progress", b"response.queued"})
 _SEQUENCE_KEY = b'"sequence_number":'
