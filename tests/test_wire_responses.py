@@ -329,3 +329,30 @@ def test_invalid_request_is_a_400_in_openais_shape(raw: bytes, param: str, code:
 def test_request_that_is_not_json_is_invalid_json() -> None:
     with pytest.raises(InvalidJSON):
         RESPONSES.parse_request(b"{nope", max_model_name_length=None)
+
+
+def test_the_sdks_stream_helper_accepts_coalesced_deltas_with_sequence_gaps() -> None:
+    """The accumulating ``responses.stream()`` helper checks order and identity, not contiguous numbers."""
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "in_progress", "model": "m",
+                "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    stream = (
+        event("response.created", 0, response=response)
+        + event("response.output_item.added", 1, output_index=0, item=message)
+        + event("response.content_part.added", 2, item_id="msg_1", output_index=0, content_index=0, part=part)
+        + delta("Hel", 3) + delta("lo", 4) + delta("!", 5)
+    )
+    framer = RESPONSES.new_framer()
+    merged, merged_away = coalesce(framer.feed(stream))
+    assert merged_away == 2
+    body = merged + framer.error_event(StreamInterrupted("cut"))
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    transport = httpx2.MockTransport(handler)
+    client = openai.OpenAI(api_key="k", base_url="http://test/v1", http_client=httpx2.Client(transport=transport))
+    with client.responses.stream(model="m", input="hi") as events:
+        seen = [(item.type, item.sequence_number, getattr(item, "snapshot", None)) for item in events]
+    assert seen[-2:] == [("response.output_text.delta", 3, "Hello!"), ("error", 6, None)]
