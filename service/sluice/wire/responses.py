@@ -23,9 +23,9 @@ Decisions (:class:`ResponsesFramer`):
 * Upstream error: ``event: error`` and ``response.failed``, as received.
 * Usage: the terminal (or failed) event's ``response.usage``
   (``input_tokens``, ``output_tokens``); JSON is parsed only for those events.
-* The last ``sequence_number`` is found with one ``bytes.rfind`` per read,
-  so :meth:`ResponsesFramer.error_event` continues the numbering
-  (``last + 1``). The openai SDK's plain ``responses.create(stream=True)``
+* The last ``sequence_number`` is found with one ``bytes.rfind`` per read
+  (its digits read only when needed), so :meth:`ResponsesFramer.error_event`
+  continues the numbering (``last + 1``). The openai SDK's plain ``responses.create(stream=True)``
   ends silently on a stream without a terminal event, so a stream the
   gateway cuts short must end with this ``error`` event.
 
@@ -83,12 +83,24 @@ class ResponsesFramer(NamedEventFramer):
     error_types = frozenset({b"error", b"response.failed"})
     delta_type = b"response.output_text.delta"
 
-    __slots__ = ("last_sequence_number",)
+    __slots__ = ("_sequence_number", "_numbered", "_numbered_at")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: the ``sequence_number`` of the last whole event read from the upstream
-        self.last_sequence_number: int | None = None
+        self._sequence_number: int | None = None
+        # The last consumed read that carries a number, and where: parsed only when asked.
+        self._numbered = b""
+        self._numbered_at = -1
+
+    @property
+    def last_sequence_number(self) -> int | None:
+        """The ``sequence_number`` of the last whole event read from the upstream (that had one)."""
+        if self._numbered_at >= 0:
+            number = _leading_int(self._numbered, self._numbered_at)
+            if number is not None:
+                self._sequence_number = number
+            self._numbered, self._numbered_at = b"", -1
+        return self._sequence_number
 
     def _is_content(self, name: bytes) -> bool:
         return name not in PREAMBLE_TYPES
@@ -100,14 +112,12 @@ class ResponsesFramer(NamedEventFramer):
             self._input_tokens = int_or_none(usage.get("input_tokens"))
             self._output_tokens = int_or_none(usage.get("output_tokens"))
 
-    def _seen(self, complete: bytes) -> None:
-        # The last event of the read carries the highest number: one rfind from the end.
-        at = complete.rfind(_SEQUENCE_KEY)
-        if at < 0:
-            return
-        number = _leading_int(complete, at + len(_SEQUENCE_KEY))
-        if number is not None:
-            self.last_sequence_number = number
+    def _seen(self, consumed: bytes) -> None:
+        # The last event of a read carries its highest number: one rfind from the end per
+        # read; the digits are read only when error_event needs them.
+        at = consumed.rfind(_SEQUENCE_KEY)
+        if at >= 0:
+            self._numbered, self._numbered_at = consumed, at + len(_SEQUENCE_KEY)
 
     def _gateway_error_event(self, error: SluiceError) -> bytes:
         last = self.last_sequence_number
