@@ -34,7 +34,9 @@ split of every stream, with hypothesis):
   ``feed``: the relay writes its figures comment, then :attr:`terminal`.
 * An upstream error event (inside a 200) is never returned by ``feed``
   either: it is kept in :attr:`StreamFramer.upstream_error`, so the relay
-  can retry (no content yet) or end the stream with it.
+  can retry (no content yet) or end the stream with it. Like
+  :attr:`StreamFramer.terminal`, it starts with the held preamble when no
+  content was returned, so either can be the stream's last write.
 * Nothing here does per-token JSON parsing on the common path: events are
   classified with ``bytes`` scans; JSON is parsed only for the rare events a
   decision needs (errors, usage, the terminal event).
@@ -67,8 +69,22 @@ class ParsedRequest(Protocol):
     @property
     def stream(self) -> bool: ...
 
+    @property
+    def backpressure_strategy(self) -> str | None:
+        """The policy the client named in the body (the gateway's own field, never forwarded), if any."""
+        ...
+
     def body_for_model(self, upstream_model: str | None) -> bytes:
         """The bytes to send upstream, with ``model`` replaced when the deployment names another."""
+        ...
+
+    def new_framer(self) -> StreamFramer:
+        """The framer for one attempt of *this* request (use it rather than :meth:`Grammar.new_framer`).
+
+        A grammar may tune it to what the client asked: chat forwards
+        ``stream_options.include_usage`` on the client's behalf when it was
+        not asked for, and this framer strips the extra usage chunk.
+        """
         ...
 
 
@@ -89,6 +105,11 @@ class StreamFramer(Protocol):
     events: int
     #: content deltas returned so far (a token, near enough)
     content_deltas: int
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an event begun but not ended, held until it ends (the relay reads less by this much)."""
+        ...
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes of one upstream read in; whole, forwardable events out (maybe ``b""``)."""
@@ -123,12 +144,17 @@ class Grammar(Protocol):
     upstream_path: str
     #: sent while the client waits for the first content event
     ping_event: bytes
+    #: whether whole events may be dropped (``drop_oldest``/``drop_newest``) without
+    #: breaking the stream's structure for a client; if not, those policies act as ``block``
+    droppable: bool
 
     def parse_request(self, raw: bytes, *, max_model_name_length: int | None) -> ParsedRequest:
         """Validate a request body; raise :class:`~sluice.errors.InvalidRequest` (a 400) when it is not valid."""
         ...
 
-    def new_framer(self) -> StreamFramer: ...
+    def new_framer(self) -> StreamFramer:
+        """A framer that forwards what the upstream sends (prefer :meth:`ParsedRequest.new_framer`)."""
+        ...
 
     def coalesce(self, payload: bytes) -> tuple[bytes, int] | None:
         """Merge consecutive content deltas of ``payload`` (whole events) losslessly.

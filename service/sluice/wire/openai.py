@@ -21,7 +21,7 @@ leaves every event it does not fully understand untouched.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -152,27 +152,9 @@ def parse_chat_request(raw: bytes, *, max_model_name_length: int | None = None) 
     ``max_model_name_length`` bounds the ``model`` string: the name becomes a
     metrics label, a log field and a routing key, and must not carry megabytes.
     """
-    try:
-        body = _loads_unique(raw)
-    except _DuplicateKey:
-        raise _duplicate_key_error(raw) from None
-    except (ValueError, RecursionError) as exc:
-        # RecursionError: deeply nested JSON must be a 400, not a 500.
-        raise InvalidJSON(f"The request body is not valid JSON: {exc}".split("\n")[0]) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        model = ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _invalid_request_from(exc) from None
-    except RecursionError:
-        raise InvalidRequest("The request body is nested too deeply.") from None
-    if max_model_name_length is not None and len(model.model) > max_model_name_length:
-        raise InvalidRequest(
-            f"The 'model' parameter is {len(model.model)} characters long; the limit is {max_model_name_length}.",
-            param="model",
-            code="invalid_value",
-        )
+    body = load_json_object(raw)
+    model = validate_body(ChatCompletionRequest, body)
+    check_model_name_length(model.model, max_model_name_length)
     if model.stream_options is not None and not model.stream:
         raise InvalidRequest(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
@@ -185,6 +167,47 @@ def parse_chat_request(raw: bytes, *, max_model_name_length: int | None = None) 
     else:
         upstream_body = raw
     return ParsedRequest(model, body, upstream_body)
+
+
+def load_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, refusing invalid JSON and repeated keys (400s).
+
+    Every API's request parser starts here, so all of them read a body the
+    way the upstream will.
+    """
+    try:
+        body = _loads_unique(raw)
+    except _DuplicateKey:
+        raise _duplicate_key_error(raw) from None
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested JSON must be a 400, not a 500.
+        raise InvalidJSON(f"The request body is not valid JSON: {exc}".split("\n")[0]) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def validate_body(model_type: type[_Model], body: dict[str, Any]) -> _Model:
+    """``model_type.model_validate(body)`` with pydantic's errors turned into OpenAI-style 400s."""
+    try:
+        return model_type.model_validate(body)
+    except ValidationError as exc:
+        raise _invalid_request_from(exc) from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
+
+
+def check_model_name_length(name: str, max_model_name_length: int | None) -> None:
+    """Refuse a ``model`` longer than the limit: it becomes a metrics label, a log field and a routing key."""
+    if max_model_name_length is not None and len(name) > max_model_name_length:
+        raise InvalidRequest(
+            f"The 'model' parameter is {len(name)} characters long; the limit is {max_model_name_length}.",
+            param="model",
+            code="invalid_value",
+        )
 
 
 def _invalid_request_from(exc: ValidationError) -> InvalidRequest:

@@ -1,0 +1,382 @@
+"""OpenAI chat completions and legacy completions: their grammars (sans-IO).
+
+Both stream data-only SSE: ``data: {chunk}\\n\\n`` events ending with
+``data: [DONE]\\n\\n``; an error after the head is ``data: {"error": {...}}``.
+Chat chunks carry text in ``choices[].delta.content``, legacy completions in
+``choices[].text``. With ``stream_options.include_usage`` the last chunk
+before ``[DONE]`` has ``"choices": []`` and a ``usage`` object.
+
+Decisions (:class:`ChatFramer`, a thin wrapper over the optimised
+:class:`~sluice.wire.sse.EventFramer`, which does all the scanning):
+
+* No preamble: the first chunk is content (a chunk returned by ``feed``
+  means a retry would duplicate it).
+* Terminal: ``data: [DONE]``. Upstream error: the ``{"error": ...}`` event,
+  re-serialised as ``data: {"error": <its error object>}``.
+* Usage: the usage chunk's ``prompt_tokens`` / ``completion_tokens``.
+* Asking for usage on the client's behalf: a streaming chat request that did
+  not set ``stream_options.include_usage`` is forwarded with it set
+  (:meth:`ChatRequest.body_for_model`), so the gateway always learns the
+  token counts, and the framer for that request
+  (:meth:`ChatRequest.new_framer`, the per-request framer the relay should
+  use) strips the usage-only chunk (``"choices": []``) from what the client
+  gets, while still recording its usage. The ``"usage": null`` field the
+  upstream then adds to every chunk is left alone: rewriting every chunk
+  would cost per-token work, and the openai SDK's chunk type has that
+  field anyway. Legacy completions are forwarded as the client wrote them.
+
+Coalescing: chat uses :func:`sluice.wire.openai.coalesce_events`, which
+only merges ``delta`` chunks, so legacy completions have their own
+:func:`coalesce_completions` (merging ``choices[].text`` per choice).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidRequest, SluiceError
+from .grammar import Usage
+from .openai import (
+    BackpressureName,
+    ChatCompletionRequest,
+    StreamOptions,
+    check_model_name_length,
+    coalesce_events,
+    load_json_object,
+    parse_chat_request,
+    validate_body,
+)
+from .request import ForwardedRequest, dump_json
+from .sse import DEFAULT_MAX_EVENT_SIZE, DONE_EVENT, EventFramer, data_event
+
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "ChatFramer",
+    "ChatGrammar",
+    "ChatRequest",
+    "CompletionRequest",
+    "CompletionsFramer",
+    "coalesce_completions",
+    "parse_chat",
+    "parse_completions",
+]
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+class ChatFramer:
+    """One upstream chat stream (satisfies :class:`sluice.wire.grammar.StreamFramer`).
+
+    The protocol's fields are read-only properties over the wrapped
+    :class:`EventFramer`; ``feed`` adds one call to it (per read, not per
+    event), plus, while a usage chunk is to be stripped and has not come,
+    one ``is None`` check.
+    """
+
+    __slots__ = ("_framer", "_strip_usage", "_stripped")
+
+    def __init__(self, *, strip_usage: bool = False, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
+        self._framer = EventFramer(max_event_size)
+        self._strip_usage = strip_usage
+        self._stripped = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        framer = self._framer
+        if not self._strip_usage or framer.usage is not None:
+            return framer.feed(chunk)
+        payload = framer.feed(chunk)
+        if framer.usage is not None and payload:
+            payload = self._without_usage_chunk(payload)
+        return payload
+
+    def _without_usage_chunk(self, payload: bytes) -> bytes:
+        """``payload`` less the usage-only chunk(s) the gateway asked for (rare path: parses them)."""
+        events = payload.split(b"\n\n")
+        events.pop()
+        kept = [event for event in events if not _is_usage_only(event)]
+        if len(kept) == len(events):
+            return payload
+        self._stripped += len(events) - len(kept)
+        return b"".join(event + b"\n\n" for event in kept)
+
+    @property
+    def finished(self) -> bool:
+        return self._framer.finished
+
+    @property
+    def done(self) -> bool:
+        return self._framer.done
+
+    @property
+    def malformed(self) -> str | None:
+        return self._framer.malformed
+
+    @property
+    def upstream_error(self) -> bytes | None:
+        error = self._framer.error
+        if error is None:
+            return None
+        return data_event(json.dumps({"error": error}, separators=(",", ":")).encode())
+
+    @property
+    def events(self) -> int:
+        return self._framer.events - self._stripped
+
+    @property
+    def content_started(self) -> bool:
+        return self._framer.events > self._stripped
+
+    @property
+    def content_deltas(self) -> int:
+        return self._framer.content_deltas
+
+    @property
+    def has_partial_event(self) -> bool:
+        return self._framer.has_partial_event
+
+    @property
+    def terminal(self) -> bytes:
+        return DONE_EVENT
+
+    @property
+    def raw_usage(self) -> dict[str, Any] | None:
+        """The upstream's usage object as sent (``prompt_tokens``, ``completion_tokens``, details...)."""
+        return self._framer.usage
+
+    @property
+    def usage(self) -> Usage | None:
+        usage = self._framer.usage
+        if usage is None:
+            return None
+        return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+
+    def error_event(self, error: SluiceError) -> bytes:
+        return error.to_sse_event()
+
+
+class CompletionsFramer(ChatFramer):
+    """One upstream legacy-completions stream: as chat, with ``choices[].text`` counted as content."""
+
+    __slots__ = ("_text_deltas",)
+
+    def __init__(self, *, strip_usage: bool = False, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
+        super().__init__(strip_usage=strip_usage, max_event_size=max_event_size)
+        self._text_deltas = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        payload = ChatFramer.feed(self, chunk)
+        if payload:
+            self._text_deltas += payload.count(b'"text":"') - payload.count(b'"text":""')
+        return payload
+
+    @property
+    def content_deltas(self) -> int:
+        return self._text_deltas
+
+
+def _is_usage_only(event: bytes) -> bool:
+    if b'"usage"' not in event or not event.startswith(b"data:"):
+        return False
+    try:
+        chunk = json.loads(event[5:])
+    except ValueError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# --- requests -------------------------------------------------------------------
+
+
+class ChatRequest(ForwardedRequest):
+    """A chat or completions request; streaming chat asks the upstream for usage (see the module doc)."""
+
+    __slots__ = ("adds_usage", "_framer_type")
+
+    def __init__(self, *, adds_usage: bool, framer_type: type[ChatFramer], **fields: Any) -> None:
+        super().__init__(new_framer=framer_type, **fields)
+        #: the gateway sets ``stream_options.include_usage`` and strips the usage chunk
+        self.adds_usage = adds_usage
+        self._framer_type = framer_type
+
+    def new_framer(self) -> ChatFramer:
+        return self._framer_type(strip_usage=self.adds_usage)
+
+    def body_for_model(self, upstream_model: str | None) -> bytes:
+        if not self.adds_usage:
+            return super().body_for_model(upstream_model)
+        fields = self.forwarded_fields(upstream_model)
+        if fields is None and "stream_options" not in self.body and json.detect_encoding(self._raw) == "utf-8":
+            # Splice the field in after the opening brace: the client's own bytes otherwise
+            # (the key is not in the body, and duplicate keys were refused, so it appears once).
+            start = self._raw.index(b"{") + 1
+            return self._raw[:start] + _INCLUDE_USAGE + self._raw[start:]
+        if fields is None:
+            fields = dict(self.body)
+        options = fields.get("stream_options")
+        fields["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return dump_json(fields)
+
+
+def _asks_usage(options: StreamOptions | None) -> bool:
+    return options is not None and options.include_usage is True
+
+
+def parse_chat(raw: bytes, *, max_model_name_length: int | None = None) -> ChatRequest:
+    """Validate a chat-completions body (:func:`~sluice.wire.openai.parse_chat_request`'s checks)."""
+    parsed = parse_chat_request(raw, max_model_name_length=max_model_name_length)
+    validated: ChatCompletionRequest = parsed.model
+    stream = bool(validated.stream)
+    return ChatRequest(
+        adds_usage=stream and not _asks_usage(validated.stream_options),
+        framer_type=ChatFramer,
+        raw=raw,
+        body=parsed.body,
+        validated=validated,
+        model_name=validated.model,
+        stream=stream,
+        backpressure_strategy=validated.backpressure_strategy,
+    )
+
+
+class CompletionRequest(BaseModel):
+    """Legacy ``/v1/completions``: the fields the gateway depends on; anything else passes through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    backpressure_strategy: BackpressureName | None = None
+
+
+def parse_completions(raw: bytes, *, max_model_name_length: int | None = None) -> ChatRequest:
+    """Validate a legacy completions body (same JSON checks as chat: duplicate keys, model length)."""
+    body = load_json_object(raw)
+    validated = validate_body(CompletionRequest, body)
+    check_model_name_length(validated.model, max_model_name_length)
+    if validated.stream_options is not None and not validated.stream:
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    return ChatRequest(
+        adds_usage=False,
+        framer_type=CompletionsFramer,
+        raw=raw,
+        body=body,
+        validated=validated,
+        model_name=validated.model,
+        stream=bool(validated.stream),
+        backpressure_strategy=validated.backpressure_strategy,
+    )
+
+
+# --- coalescing -----------------------------------------------------------------
+
+
+def coalesce_completions(payload: bytes) -> tuple[bytes, int]:
+    """Merge consecutive text chunks per choice; return (events, events merged away).
+
+    The completions twin of :func:`~sluice.wire.openai.coalesce_events`: a
+    run of plain text chunks (one choice with only ``index``/``text``, no
+    ``finish_reason``, no ``logprobs``, no usage) collapses into one chunk
+    per choice index, keeping the first chunk's metadata; anything else is a
+    barrier kept as is, so each choice's text is unchanged and in order.
+    """
+    events = payload.split(b"\n\n")
+    events.pop()
+    out: list[bytes] = []
+    run: dict[int, tuple[dict[str, Any], bytes, int]] = {}
+    merged = 0
+
+    def flush() -> None:
+        for chunk, raw, count in run.values():
+            out.append(raw if count == 0 else b"data: " + dump_json(chunk) + b"\n\n")
+        run.clear()
+
+    for event in events:
+        chunk = _mergeable_text_chunk(event)
+        if chunk is None:
+            flush()
+            out.append(event + b"\n\n")
+            continue
+        choice = chunk["choices"][0]
+        index = choice.get("index", 0)
+        held = run.get(index)
+        if held is None:
+            run[index] = (chunk, event + b"\n\n", 0)
+            continue
+        held[0]["choices"][0]["text"] += choice["text"]
+        run[index] = (held[0], held[1], held[2] + 1)
+        merged += 1
+    flush()
+    return b"".join(out), merged
+
+
+def _mergeable_text_chunk(event: bytes) -> dict[str, Any] | None:
+    if not event.startswith(b"data:"):
+        return None
+    try:
+        chunk = json.loads(event[5:])
+    except ValueError:
+        return None
+    if not isinstance(chunk, dict) or chunk.get("usage") is not None:
+        return None
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    if (
+        not isinstance(choice.get("text"), str)
+        or choice.get("finish_reason") is not None
+        or choice.get("logprobs") is not None
+        or not isinstance(choice.get("index", 0), int)
+        or set(choice) - {"index", "text", "finish_reason", "logprobs"}
+    ):
+        return None
+    return chunk
+
+
+# --- the grammars ---------------------------------------------------------------
+
+
+class ChatGrammar:
+    """Chat completions or legacy completions (satisfies :class:`sluice.wire.grammar.Grammar`)."""
+
+    ping_event = b": ping\n\n"
+
+    def __init__(self, name: Literal["chat", "completions"]) -> None:
+        self.name = name
+        self.upstream_path = "/chat/completions" if name == "chat" else "/completions"
+        self._framer_type: type[ChatFramer] = ChatFramer if name == "chat" else CompletionsFramer
+
+    def parse_request(self, raw: bytes, *, max_model_name_length: int | None) -> ChatRequest:
+        parse = parse_chat if self.name == "chat" else parse_completions
+        return parse(raw, max_model_name_length=max_model_name_length)
+
+    def new_framer(self) -> ChatFramer:
+        """A framer that forwards every chunk; prefer the request's :meth:`ChatRequest.new_framer`."""
+        return self._framer_type()
+
+    def coalesce(self, payload: bytes) -> tuple[bytes, int] | None:
+        return coalesce_events(payload) if self.name == "chat" else coalesce_completions(payload)
+
+    def error_body(self, error: SluiceError) -> bytes:
+        return error.to_json_bytes()
+
+
+CHAT: Final = ChatGrammar("chat")
+COMPLETIONS: Final = ChatGrammar("completions")
