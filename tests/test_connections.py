@@ -20,6 +20,8 @@ import trio
 
 from deploy.fleet import free_port
 
+from sluice.config import DeploymentConfig, ModelConfig
+
 from .rawclient import RawConnection
 from .support import Gateway, GatewayFactory, RunningSimulator, chat_body, wait_until
 
@@ -33,6 +35,12 @@ async def connection(gateway: Gateway) -> AsyncIterator[RawConnection]:
     await conn.aclose()
 
 
+async def routed_gateway(start_gateway: GatewayFactory, simulator: RunningSimulator) -> Gateway:
+    """A gateway with a model table: an unknown /v1 route is refused from the head (nothing to pass it through to)."""
+    deployment = DeploymentConfig(base_url=simulator.base_url, model="sim:tokens=3")
+    return await start_gateway(models=[ModelConfig(name="sim:tokens=3", deployments=[deployment])])
+
+
 def chat_bytes(**extra: object) -> bytes:
     return json.dumps(chat_body("sim:tokens=3", stream=False, **extra)).encode()
 
@@ -41,18 +49,21 @@ def chat_bytes(**extra: object) -> bytes:
 
 
 async def test_an_unknown_route_with_a_large_body_answers_404_and_the_connection_serves_the_next_request(
-    connection: RawConnection,
+    start_gateway: GatewayFactory, simulator: RunningSimulator
 ) -> None:
-    with trio.fail_after(HANG_GUARD):
-        await connection.send_request("POST", "/v1/no-such-route", b"x" * 300_000, pause_after=1000)
-        status, headers, body = await connection.read_response()
-        assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error"
-        assert headers.get("connection") != "close"  # drained, so kept alive
-        await connection.send_request("GET", "/health")
-        assert (await connection.read_response())[0] == 200
-        await connection.send_request("POST", "/v1/chat/completions", chat_bytes(), headers={"content-type": "application/json"})
-        status, _, body = await connection.read_response()
-    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
+    gateway = await routed_gateway(start_gateway, simulator)
+    connection = await RawConnection.open(gateway.url)
+    async with connection.stream:
+        with trio.fail_after(HANG_GUARD):
+            await connection.send_request("POST", "/v1/no-such-route", b"x" * 300_000, pause_after=1000)
+            status, headers, body = await connection.read_response()
+            assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error"
+            assert headers.get("connection") != "close"  # drained, so kept alive
+            await connection.send_request("GET", "/health")
+            assert (await connection.read_response())[0] == 200
+            await connection.send_request("POST", "/v1/chat/completions", chat_bytes(), headers={"content-type": "application/json"})
+            status, _, body = await connection.read_response()
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
 
 
 async def test_a_401_sent_before_the_body_was_read_keeps_the_connection_usable(start_gateway: GatewayFactory) -> None:
@@ -106,8 +117,11 @@ async def test_a_chunked_body_over_the_limit_gets_413_and_the_connection_closes(
             assert await connection.read_until_eof() == b""
 
 
-async def test_a_pooled_client_keeps_working_after_early_errors_on_its_one_connection(gateway: Gateway) -> None:
+async def test_a_pooled_client_keeps_working_after_early_errors_on_its_one_connection(
+    start_gateway: GatewayFactory, simulator: RunningSimulator
+) -> None:
     """What the ``openai`` SDK met: after a 404 with a body, its next call on the pooled connection hung."""
+    gateway = await routed_gateway(start_gateway, simulator)
     opened: list[object] = []
 
     async def count_connections(request: httpx2.Request) -> None:
@@ -131,8 +145,11 @@ async def test_a_pooled_client_keeps_working_after_early_errors_on_its_one_conne
     assert len(opened) == 1
 
 
-async def test_the_openai_sdk_keeps_working_after_a_404_with_a_body(gateway: Gateway) -> None:
+async def test_the_openai_sdk_keeps_working_after_a_404_with_a_body(
+    start_gateway: GatewayFactory, simulator: RunningSimulator
+) -> None:
     openai = pytest.importorskip("openai")
+    gateway = await routed_gateway(start_gateway, simulator)
 
     def calls() -> list[str]:
         client = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=HANG_GUARD)

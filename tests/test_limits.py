@@ -51,7 +51,7 @@ async def test_requests_per_minute_over_the_limit_get_429_with_retry_after(
         "code": "rate_limit_exceeded",
     }
     assert 'sluice_rate_limited_total{limit="requests"} 1.0' in metrics
-    assert 'sluice_requests_total{model="sim:tokens=1",status="429"} 1.0' in metrics
+    assert 'sluice_requests_total{api="chat",model="sim:tokens=1",status="429"} 1.0' in metrics
 
 
 async def test_concurrent_streams_over_the_limit_get_429_until_one_ends(

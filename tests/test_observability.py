@@ -47,13 +47,13 @@ async def test_metrics_count_requests_tokens_latency_disconnects_and_drops(gatew
         response = await http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     got = samples(response.text)
-    assert got[("sluice_requests_total", (("model", "sim:tokens=7"), ("status", "200")))] == 3
+    assert got[("sluice_requests_total", (("api", "chat"), ("model", "sim:tokens=7"), ("status", "200")))] == 3
     # refused before its model was known (the body failed validation): model "-"
-    assert got[("sluice_requests_total", (("model", "-"), ("status", "400")))] == 1
-    assert got[("sluice_tokens_total", (("model", "sim:tokens=7"),))] == 21
+    assert got[("sluice_requests_total", (("api", "chat"), ("model", "-"), ("status", "400")))] == 1
+    assert got[("sluice_tokens_total", (("api", "chat"), ("model", "sim:tokens=7"),))] == 21
     assert got[("sluice_streams_active", ())] == 0
-    assert got[("sluice_time_to_first_token_seconds_count", ())] >= 5
-    assert got[("sluice_stream_duration_seconds_count", ())] == 6
+    assert got[("sluice_time_to_first_token_seconds_count", (("api", "chat"),))] >= 5
+    assert got[("sluice_stream_duration_seconds_count", (("api", "chat"),))] == 6
     assert got[("sluice_upstream_retries_total", ())] == 1
     assert got[("sluice_upstream_errors_total", (("code", "http_503"),))] == 1
     assert got[("sluice_client_disconnects_total", ())] == 1

@@ -88,8 +88,8 @@ async def test_two_workers_share_the_port_and_the_metrics(supervisor: Supervisor
         for s in family.samples
     }
     # Whichever worker answers /metrics counts every worker's requests.
-    assert values[("sluice_requests_total", (("model", "sim:tokens=3"), ("status", "200")))] == 12
-    assert values[("sluice_tokens_total", (("model", "sim:tokens=3"),))] == 36
+    assert values[("sluice_requests_total", (("api", "chat"), ("model", "sim:tokens=3"), ("status", "200")))] == 12
+    assert values[("sluice_tokens_total", (("api", "chat"), ("model", "sim:tokens=3"),))] == 36
     assert values[("sluice_streams_active", ())] == 0
 
 

@@ -1,16 +1,14 @@
-"""The Quart application: routes, error handlers, lifespan.
+"""The Quart application: the worker's shared state, error handlers, lifespan; the ``/v1`` routes are :mod:`sluice.routes`.
 
-Data path of ``POST /v1/chat/completions``::
-
-    authenticate (limits.KeyTable) -> validate (wire.openai) -> route (router)
-    -> admit (limits) -> pick policy (policies) -> StreamRelay.open()
-    (deployment, retries, fallbacks) -> Response(StreamRelay) -> Quart's send
-    loop iterates it -> release (limits, metrics, one log line)
+Every request: request id and gateway key (:func:`create_app`'s
+``identify``) -> the route (:mod:`sluice.routes`) -> one log line ->
+release (:class:`GatewayHTTPConnection`'s ``finally``).
 
 Invariants:
 
-* Every error a client gets is OpenAI-shaped JSON with a 4xx/5xx status;
-  no HTML error page, no bare 500 (see :func:`error_response`).
+* Every error a client gets is JSON in the route's API shape (OpenAI's, or
+  Anthropic's on ``/v1/messages*``) with a 4xx/5xx status; no HTML error
+  page, no bare 500 (see :func:`error_response`).
 * Every upstream request the route opens is closed, whatever window the
   client leaves in: :class:`GatewayHTTPConnection` releases the request's
   relay after the response, also when the response head was never sent.
@@ -49,26 +47,18 @@ from .config import Settings
 from .connection import KeepAliveHTTPConnection
 from .logs import redact
 from .limits import KeyTable, LimitStore, LocalLimitStore, VirtualKey
-from .metrics import GatewayMetrics, StreamStats
-from .policies import BACKPRESSURE_HEADER, choose_backpressure
+from .metrics import GatewayMetrics
+from .policies import BACKPRESSURE_HEADER
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import PrometheusMetrics
 from .redaction import Scrubber
 from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
+from .routes import EXCHANGE_SCOPE_KEY, STREAMING_APIS, Exchange, api, grammar_for_path
 from .simulator import Simulator, SimulatorLimits
-from .wire.openai import parse_chat_request
 
 log = logging.getLogger("sluice")
 
-SSE_HEADERS = {
-    "content-type": "text/event-stream; charset=utf-8",
-    "cache-control": "no-cache",
-    "x-accel-buffering": "no",  # nginx in front must not buffer the stream
-}
-_RELAY_SCOPE_KEY = "sluice.relay"
-_STATS_SCOPE_KEY = "sluice.stats"
-_ADMITTED_SCOPE_KEY = "sluice.admitted"
 request_log = logging.getLogger("sluice.request")
 
 
@@ -126,17 +116,22 @@ class GatewayHTTPConnection(KeepAliveHTTPConnection):
         try:
             await super().handle_request(nursery, request, send)
         finally:
-            state: GatewayState = self.app.extensions["sluice"]
-            relay: StreamRelay | None = self.scope.get(_RELAY_SCOPE_KEY)  # type: ignore[assignment]
-            if relay is not None:
-                await relay.release()
-                state.relays.discard(relay)
-            admitted: tuple[VirtualKey, Any] | None = self.scope.get(_ADMITTED_SCOPE_KEY)  # type: ignore[assignment]
-            if admitted is not None:
-                key, lease = admitted
-                stats: StreamStats | None = self.scope.get(_STATS_SCOPE_KEY)  # type: ignore[assignment]
-                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                    await state.limits.release(key, lease, stats.token_count if stats is not None else 0)
+            held: Exchange | None = self.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+            if held is not None:
+                await _release(self.app.extensions["sluice"], held)
+
+
+async def _release(state: GatewayState, held: Exchange) -> None:
+    """Close the request's upstream and give back its key's slot and tokens (idempotent per part)."""
+    if held.relay is not None:
+        await held.relay.release()
+        state.relays.discard(held.relay)
+    if held.admitted is not None:
+        key, lease = held.admitted
+        held.admitted = None
+        tokens = held.stats.token_count if held.stats is not None else 0
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            await state.limits.release(key, lease, tokens)
 
 
 class SluiceApp(QuartTrio):
@@ -144,7 +139,8 @@ class SluiceApp(QuartTrio):
 
 
 def error_response(error: errors.SluiceError, scrubber: Scrubber | None = None) -> Response:
-    body = error.to_json_bytes()
+    """The error in the shape of the route's API (Anthropic's on ``/v1/messages*``, OpenAI's elsewhere)."""
+    body = grammar_for_path(request.path).error_body(error)
     if scrubber is not None:
         body = scrubber.scrub(body)
     response = Response(body, status=error.status, content_type="application/json")
@@ -248,6 +244,7 @@ def create_app(settings: Settings) -> SluiceApp:
         g.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         g.started_at = trio.current_time()
         g.key = None
+        g.api = next((a.grammar.name for a in STREAMING_APIS if a.path == request.path), None)
         if not keys.enabled or not request.path.startswith("/v1/"):
             return
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
@@ -270,7 +267,8 @@ def create_app(settings: Settings) -> SluiceApp:
             # proxy that sends its next request on one would reach a gateway that
             # refuses it. Closing after each response sends the proxy elsewhere.
             response.headers["connection"] = "close"
-        if request.scope.get(_RELAY_SCOPE_KEY) is None and request.scope.get(_STATS_SCOPE_KEY) is None:
+        held: Exchange | None = request.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+        if held is None or held.stats is None:
             # Streams and completions log their own line when they end; this is everything else.
             if request.path.startswith("/v1/") or response.status_code >= 400:
                 request_log.info(
@@ -284,8 +282,8 @@ def create_app(settings: Settings) -> SluiceApp:
                         "total_ms": round((trio.current_time() - getattr(g, "started_at", trio.current_time())) * 1000, 3),
                     }
                 )
-            if request.path == "/v1/chat/completions" and response.status_code >= 400:
-                state.prometheus.request_refused(getattr(g, "model", "-"), response.status_code)
+            if getattr(g, "api", None) is not None and response.status_code >= 400:
+                state.prometheus.request_refused(getattr(g, "model", "-"), response.status_code, g.api)
         return response
 
     if settings.cors_origins:
@@ -331,96 +329,6 @@ def create_app(settings: Settings) -> SluiceApp:
         log.exception("unhandled error")
         return error_response(errors.SluiceError("The gateway failed to handle the request."))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        raw = await request.get_data(cache=False)
-        parsed = parse_chat_request(raw, max_model_name_length=settings.max_model_name_length)  # type: ignore[arg-type]
-        g.model = parsed.model.model
-        policy = choose_backpressure(
-            request.headers.get(BACKPRESSURE_HEADER), parsed.model.backpressure_strategy, settings.backpressure
-        )
-        router = state.router
-        assert router is not None
-        route = router.route(parsed.model.model)
-        metrics = state.metrics
-        if state.draining:
-            raise errors.ShuttingDown("The gateway is shutting down.", headers={"retry-after": "1"})
-        if metrics.active_streams >= settings.max_streams:
-            raise errors.Overloaded(
-                f"The gateway is at its limit of {settings.max_streams} concurrent streams.",
-                headers={"retry-after": "1"},
-            )
-        memory = state.memory
-        if memory.full:
-            memory.refused += 1
-            state.prometheus.memory_budget_refusals.inc()
-            raise errors.Overloaded(
-                f"The gateway's stream buffers are full ({memory.used} of {memory.limit} bytes held); retry shortly.",
-                headers={"retry-after": "1"},
-            )
-        key: VirtualKey | None = g.key
-        if key is not None and key.limited:
-            try:
-                lease = await state.limits.admit(key)
-            except errors.RateLimited as refused:
-                state.prometheus.rate_limited.labels(getattr(refused, "limit", "requests")).inc()
-                raise
-            request.scope[_ADMITTED_SCOPE_KEY] = (key, lease)
-        stats = StreamStats(request_id=g.request_id, model=parsed.model.model, policy=policy.value, stream=parsed.stream)
-        request.scope[_STATS_SCOPE_KEY] = stats
-
-        def count_attempt() -> None:
-            stats.upstream_attempts += 1
-
-        metrics.stream_started()
-        if not parsed.stream:
-            return await _complete(
-                router, route, parsed, stats, metrics, count_attempt, settings.completion_timeout, state.scrubber
-            )
-
-        async def open_upstream() -> Any:
-            return await router.open_stream(route, parsed, on_attempt=count_attempt)
-
-        async def open_hedge(primary: Deployment) -> Any:
-            return await router.open_stream(
-                route, parsed, on_attempt=count_attempt, exclude=(primary,), with_fallbacks=False
-            )
-
-        relay = StreamRelay(
-            open_upstream=open_upstream,
-            stats=stats,
-            metrics=metrics,
-            capacity=settings.buffer_size,
-            budget=state.memory.stream(settings.stream_buffer_bytes),
-            policy=policy,
-            max_wait=settings.max_wait_ms / 1000.0,
-            first_token_timeout=settings.first_token_timeout,
-            idle_timeout=settings.idle_timeout,
-            ping_interval=settings.ping_interval,
-            max_reopens=settings.retry_max_attempts - 1,
-            open_hedge=open_hedge,
-            hedge_delay=route.hedge_delay(settings.hedge_min_samples),
-            observe_first_token=lambda seconds: router.observe_first_token(route, seconds),
-            scrubber=state.scrubber,
-            stream_scrubber=state.stream_scrubber,
-        )
-        request.scope[_RELAY_SCOPE_KEY] = relay
-        state.relays.add(relay)
-        await relay.open()
-        response = Response(relay, status=200, headers=SSE_HEADERS)
-        response.headers["x-sluice-deployment"] = relay.first_deployment
-        response.timeout = None
-        return response
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        router = state.router
-        assert router is not None
-        if router.passthrough is None:
-            return Response(router.models_document(), status=200, content_type="application/json")
-        upstream_response = await router.default_client.list_models()
-        return Response(state.scrubber.scrub(upstream_response.content), status=200, content_type="application/json")
-
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         state.prometheus.relay_buffered.set(state.memory.used)
@@ -448,6 +356,7 @@ def create_app(settings: Settings) -> SluiceApp:
         snapshot["default_policy"] = settings.backpressure.value
         return snapshot
 
+    app.register_blueprint(api)
     return app
 
 
@@ -468,54 +377,6 @@ def process_figures() -> dict[str, int]:
         "tasks": tasks,
         "rss_bytes": rss_pages * os.sysconf("SC_PAGE_SIZE"),
     }
-
-
-async def _complete(
-    router: Router,
-    route: Any,
-    parsed: Any,
-    stats: StreamStats,
-    metrics: GatewayMetrics,
-    count_attempt: Any,
-    timeout: float,
-    scrubber: Scrubber,
-) -> Response:
-    """A non-streaming completion: relay the upstream's JSON and status, configured secrets scrubbed."""
-    try:
-        with trio.move_on_after(timeout) as deadline:
-            upstream_response, deployment = await router.complete(route, parsed, on_attempt=count_attempt)
-        if deadline.cancelled_caught:
-            raise errors.UpstreamTimeout(f"The upstream did not complete within {timeout:g} s.")
-    except errors.SluiceError as exc:
-        stats.status, stats.outcome = exc.status, f"error:{exc.code}"
-        raise
-    except BaseException:
-        stats.outcome = "client_disconnect"
-        raise
-    else:
-        stats.outcome = "done"
-        stats.first_token_at = trio.current_time()
-        stats.deployment = deployment.name
-        stats.tokens = _completion_tokens(upstream_response.content)
-    finally:
-        stats.ended_at = trio.current_time()
-        metrics.stream_finished(stats)
-        logging.getLogger("sluice.stream").info({"event": "completion", **stats.figures()})
-    response = Response(
-        scrubber.scrub(upstream_response.content), status=upstream_response.status_code, content_type="application/json"
-    )
-    response.headers["x-sluice-deployment"] = deployment.name
-    return response
-
-
-def _completion_tokens(content: bytes) -> int:
-    """``usage.completion_tokens`` of a completion body (for tokens/minute limits and metrics)."""
-    try:
-        usage = json.loads(content).get("usage") or {}
-    except (ValueError, AttributeError):
-        return 0
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return tokens if isinstance(tokens, int) else 0
 
 
 async def _serve_simulator(state: GatewayState, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -26,6 +26,8 @@ class StreamStats:
     model: str
     policy: str
     stream: bool = True
+    #: the client API (``chat``, ``completions``, ``responses``, ``messages``...): a label everywhere
+    api: str = "chat"
     started_at: float = field(default_factory=trio.current_time)
     first_token_at: float | None = None
     ended_at: float | None = None
@@ -36,6 +38,8 @@ class StreamStats:
     chunks: int = 0
     tokens: int = 0
     usage_completion_tokens: int | None = None
+    #: the upstream's count of the request's input tokens, when it reported one
+    usage_input_tokens: int | None = None
     batches: int = 0
     peak_queue: int = 0
     #: the most bytes the stream's relay held at once (its queue and the write in flight)
@@ -79,6 +83,7 @@ class StreamStats:
         tps = self.tokens_per_second
         return {
             "request_id": self.request_id,
+            "api": self.api,
             "model": self.model,
             "stream": self.stream,
             "status": self.status,
@@ -89,6 +94,7 @@ class StreamStats:
             "total_ms": round(self.total_ms, 3),
             "chunks": self.chunks,
             "tokens": self.token_count,
+            "input_tokens": self.usage_input_tokens,
             "tokens_per_s": None if tps is None else round(tps, 1),
             "peak_queue": self.peak_queue,
             "peak_bytes": self.peak_bytes,

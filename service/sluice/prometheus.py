@@ -83,17 +83,21 @@ class PrometheusMetrics:
         self._render_lock = trio.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sluice_requests", "Requests by public model and status.", ["model", "status"], registry=r)
+        self.requests = Counter(
+            "sluice_requests", "Requests by client API, public model and status.", ["api", "model", "status"], registry=r
+        )
         self.streams_active = Gauge(
             "sluice_streams_active", "Requests in flight.", registry=r, multiprocess_mode="livesum"
         )
         self.ttft = Histogram(
-            "sluice_time_to_first_token_seconds", "From request to first token.", buckets=_LATENCY_BUCKETS, registry=r
+            "sluice_time_to_first_token_seconds", "From request to first token.", ["api"],
+            buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.duration = Histogram(
-            "sluice_stream_duration_seconds", "From request to last byte.", buckets=_DURATION_BUCKETS, registry=r
+            "sluice_stream_duration_seconds", "From request to last byte.", ["api"],
+            buckets=_DURATION_BUCKETS, registry=r,
         )
-        self.tokens = Counter("sluice_tokens", "Completion tokens relayed.", ["model"], registry=r)
+        self.tokens = Counter("sluice_tokens", "Output tokens relayed.", ["api", "model"], registry=r)
         self.retries = Counter("sluice_upstream_retries", "Upstream attempts beyond the first.", registry=r)
         self.upstream_errors = Counter(
             "sluice_upstream_errors", "Upstream failures by error code.", ["code"], registry=r
@@ -126,9 +130,9 @@ class PrometheusMetrics:
         )
         self._peak = 0
 
-    def request_refused(self, model: str, status: int) -> None:
+    def request_refused(self, model: str, status: int, api: str = "chat") -> None:
         """A request that ended before it reached the upstream (validation, auth, limits)."""
-        self.requests.labels(self.model_label(model), self.status_label(str(status))).inc()
+        self.requests.labels(api, self.model_label(model), self.status_label(str(status))).inc()
 
     def upstream_failed(self, code: str) -> None:
         """One failed upstream attempt (``http_503``, ``upstream_unavailable``, ...)."""
@@ -136,13 +140,14 @@ class PrometheusMetrics:
 
     def stream_finished(self, stats: StreamStats) -> None:
         model = self.model_label(stats.model)
-        self.requests.labels(model, self.status_label(str(stats.status))).inc()
-        self.duration.observe(stats.total_ms / 1000.0)
+        api = stats.api
+        self.requests.labels(api, model, self.status_label(str(stats.status))).inc()
+        self.duration.labels(api).observe(stats.total_ms / 1000.0)
         ttft = stats.ttft_ms
         if ttft is not None:
-            self.ttft.observe(ttft / 1000.0)
+            self.ttft.labels(api).observe(ttft / 1000.0)
         if stats.token_count:
-            self.tokens.labels(model).inc(stats.token_count)
+            self.tokens.labels(api, model).inc(stats.token_count)
         if stats.upstream_attempts > 1:
             self.retries.inc(stats.upstream_attempts - 1)
         outcome = stats.outcome

@@ -80,12 +80,11 @@ from .policies import Backpressure
 from .redaction import Scrubber
 from .router import Deployment, OpenedStream
 from .upstream_body import READ_SIZE, UpstreamBody
-from .wire.openai import coalesce_events
-from .wire.sse import DONE_EVENT, EventFramer, comment_event, data_event
+from .wire.grammar import Grammar, StreamFramer
+from .wire.sse import comment_event
 
 log = logging.getLogger("sluice.stream")
 
-PING_EVENT = b": ping\n\n"
 #: how long a finished stream may keep reading the upstream's end of body
 REUSE_GRACE = 0.25
 #: the smallest upstream read, also when the budget has less room
@@ -93,6 +92,8 @@ _MIN_READ = 1024
 
 OpenUpstream = Callable[[], Awaitable[OpenedStream]]
 OpenHedge = Callable[[Deployment], Awaitable[OpenedStream]]
+#: open the request again after ``failed`` broke before any content (elsewhere when there is an elsewhere)
+OpenRetry = Callable[[Deployment], Awaitable[OpenedStream]]
 
 
 class _Producer:
@@ -120,7 +121,10 @@ class StreamRelay(ResponseBody):
     def __init__(
         self,
         *,
+        grammar: Grammar,
+        new_framer: Callable[[], StreamFramer] | None = None,
         open_upstream: OpenUpstream,
+        open_retry: OpenRetry | None = None,
         stats: StreamStats,
         metrics: GatewayMetrics,
         capacity: int,
@@ -137,7 +141,12 @@ class StreamRelay(ResponseBody):
         scrubber: Scrubber | None = None,
         stream_scrubber: Scrubber | None = None,
     ) -> None:
+        self._grammar = grammar
+        self._new_framer = new_framer or grammar.new_framer
+        #: the framer of the request that serves the stream (the last one tried, until one wins)
+        self._framer: StreamFramer | None = None
         self._open_upstream = open_upstream
+        self._open_retry = open_retry
         self._open_hedge = open_hedge if hedge_delay is not None else None
         self._hedge_delay = hedge_delay
         self._observe_first_token = observe_first_token
@@ -153,6 +162,8 @@ class StreamRelay(ResponseBody):
         self._half_budget = max(1, budget.capacity // 2)
         #: the waiting policies read once at least this much fits (no trickle of tiny reads)
         self._read_floor = max(1, min(READ_SIZE, budget.capacity // 4))
+        if policy in (Backpressure.DROP_OLDEST, Backpressure.DROP_NEWEST) and not grammar.droppable:
+            policy = Backpressure.BLOCK  # whole events of this API cannot go missing (docs/architecture.md)
         self._policy = policy
         self._max_wait = max_wait
         self._first_token_deadline = stats.started_at + first_token_timeout
@@ -285,7 +296,7 @@ class StreamRelay(ResponseBody):
                         item = await receive.receive()
                     if waiting.cancelled_caught:
                         self.stats.pings += 1
-                        return PING_EVENT
+                        return self._grammar.ping_event
                 else:
                     item = await receive.receive()
         except trio.EndOfChannel:
@@ -324,15 +335,16 @@ class StreamRelay(ResponseBody):
         if self._receive is not None:
             stats.peak_queue = self._receive.statistics().peak_buffer_used
         stats.peak_bytes = self.budget.peak
+        framer = self._framer if self._framer is not None else self._new_framer()
         if self._upstream_error_event is not None:
             stats.outcome = "error:upstream_error_event"
             terminal = self._upstream_error_event
         elif self._error is not None:
             stats.outcome = f"error:{self._error.code}"
-            terminal = self._error.to_sse_event()
+            terminal = framer.error_event(self._error)
         else:
             stats.outcome = "done"
-            terminal = DONE_EVENT
+            terminal = framer.terminal
         return comment_event(stats.comment_text()) + self._scrubber.scrub(terminal)
 
     # --- the producer ------------------------------------------------------------------
@@ -434,7 +446,9 @@ class StreamRelay(ResponseBody):
 
     async def _pump(self, send_channel: trio.MemorySendChannel[bytes], producer: _Producer) -> None:
         stats = self.stats
-        framer = EventFramer()
+        framer = self._new_framer()
+        if self._winner is None:
+            self._framer = framer
         scrub_content = self._scrub_content
         deadline_at = self._first_token_deadline
         idle_timeout = self._idle_timeout
@@ -466,12 +480,16 @@ class StreamRelay(ResponseBody):
                                 if not producer.forwarded:
                                     if not self._claim(producer):
                                         return  # another request won the race
+                                    self._framer = framer
                                     producer.forwarded = True
                                 stats.batches += 1
                                 await self._offer(send_channel, payload)
                             if framer.finished:
+                                if framer.upstream_error is not None and not producer.forwarded:
+                                    break  # maybe retried elsewhere (below): not the stream's yet
                                 if not self._claim(producer):
                                     return
+                                self._framer = framer
                                 if framer.done:
                                     self._account(framer)  # before the consumer writes the figures
                                     await self._drain_for_reuse(send_channel, body)
@@ -484,7 +502,7 @@ class StreamRelay(ResponseBody):
                         await body.aclose()
             except httpx2.HTTPError as exc:
                 if await self._reopen_if_untouched(producer):
-                    framer = EventFramer()
+                    framer = self._renew_framer(producer)
                     continue
                 raise StreamInterrupted(
                     f"The upstream connection broke mid-stream ({type(exc).__name__})."
@@ -496,26 +514,41 @@ class StreamRelay(ResponseBody):
                 if producer.forwarded:
                     raise UpstreamTimeout(f"The upstream sent nothing for {idle_timeout:g} s.")
                 raise UpstreamTimeout("The upstream sent no first token in time.")
+            if framer.upstream_error is not None and not producer.forwarded:
+                # An error event before any content (Anthropic's overloaded_error in
+                # a 200, say): another deployment may well succeed.
+                if await self._reopen_if_untouched(producer):
+                    framer = self._renew_framer(producer)
+                    continue
             break
         if framer.done:
             return
-        if framer.error is not None:
-            self._upstream_error_event = data_event(
-                json.dumps({"error": framer.error}, separators=(",", ":")).encode()
-            )
+        if framer.upstream_error is not None:
+            if not self._claim(producer):
+                return
+            self._framer = framer
+            self._upstream_error_event = framer.upstream_error
             return
         if framer.malformed is not None:
             raise StreamInterrupted(f"The upstream sent a malformed stream: {framer.malformed}")
-        raise StreamInterrupted("The upstream ended the stream without [DONE].")
+        raise StreamInterrupted(f"The upstream ended the stream without {self._grammar.terminal_name}.")
 
-    def _account(self, framer: EventFramer) -> None:
+    def _renew_framer(self, producer: _Producer) -> StreamFramer:
+        framer = self._new_framer()
+        if self._winner is None or self._winner is producer:
+            self._framer = framer
+        return framer
+
+    def _account(self, framer: StreamFramer) -> None:
         stats = self.stats
         stats.chunks = framer.events
         stats.tokens = framer.content_deltas
-        if framer.usage is not None:
-            completion = framer.usage.get("completion_tokens")
-            if isinstance(completion, int):
-                stats.usage_completion_tokens = completion
+        usage = framer.usage
+        if usage is not None:
+            if usage.output_tokens is not None:
+                stats.usage_completion_tokens = usage.output_tokens
+            if usage.input_tokens is not None:
+                stats.usage_input_tokens = usage.input_tokens
 
     async def _drain_for_reuse(self, send_channel: trio.MemorySendChannel[bytes], body: UpstreamBody) -> None:
         """After ``[DONE]``: let the consumer finish, then read the body's end.
@@ -535,13 +568,16 @@ class StreamRelay(ResponseBody):
         if producer.forwarded or self._reopens_left <= 0:
             return False
         self._reopens_left -= 1
+        failed = producer.opened.deployment if producer.opened is not None else None
         await producer.aclose()
         producer.opened = None
-        opened = await self._open_upstream()
-        producer.opened = opened
+        if self._open_retry is not None and failed is not None:
+            producer.opened = await self._open_retry(failed)
+        else:
+            producer.opened = await self._open_upstream()
         return True
 
-    async def _read_allowance(self, framer: EventFramer) -> int:
+    async def _read_allowance(self, framer: StreamFramer) -> int:
         """How many bytes the next upstream read may return, waiting for room if the policy waits.
 
         ``block`` and ``error`` read only what fits: while the client does not
@@ -673,7 +709,9 @@ class StreamRelay(ResponseBody):
                     break
             budget.release(sum(len(batch) for batch in queued))
             queued.append(payload)
-            merged, merged_away = coalesce_events(b"".join(queued))
+            joined = b"".join(queued)
+            coalesced = self._grammar.coalesce(joined)
+            merged, merged_away = coalesced if coalesced is not None else (joined, 0)
             stats.coalesced += merged_away
             if not budget.fits(len(merged)):
                 # Merging saved what it could; the rest waits for the client, losslessly.

@@ -39,7 +39,7 @@ import trio
 from . import errors
 from .config import ModelConfig, Settings
 from .upstream import UpstreamClient
-from .wire.openai import ParsedRequest
+from .wire.grammar import ParsedRequest
 
 #: percentile names allowed for ``hedge_after``
 _PERCENTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}

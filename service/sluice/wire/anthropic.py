@@ -264,6 +264,9 @@ class MessagesGrammar:
     name = "messages"
     upstream_path = "/messages"
     ping_event = b'event: ping\ndata: {"type": "ping"}\n\n'
+    #: items and content parts are opened and closed by events of their own: a dropped one breaks the SDK's state
+    droppable = False
+    terminal_name = "message_stop"
 
     def parse_request(self, raw: bytes, *, max_model_name_length: int | None) -> ForwardedRequest:
         return parse_messages_request(raw, max_model_name_length=max_model_name_length)

@@ -108,6 +108,10 @@ class ChatFramer:
         return self._framer.finished
 
     @property
+    def pending_bytes(self) -> int:
+        return self._framer.pending_bytes
+
+    @property
     def done(self) -> bool:
         return self._framer.done
 
@@ -357,6 +361,9 @@ class ChatGrammar:
     """Chat completions or legacy completions (satisfies :class:`sluice.wire.grammar.Grammar`)."""
 
     ping_event = b": ping\n\n"
+    #: a data-only stream of independent chunks: dropping one loses its tokens, not the stream's shape
+    droppable = True
+    terminal_name = "[DONE]"
 
     def __init__(self, name: Literal["chat", "completions"]) -> None:
         self.name = name

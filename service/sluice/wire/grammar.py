@@ -144,6 +144,8 @@ class Grammar(Protocol):
     upstream_path: str
     #: sent while the client waits for the first content event
     ping_event: bytes
+    #: how the stream's clean end is called, for messages ("[DONE]", "message_stop", ...)
+    terminal_name: str
     #: whether whole events may be dropped (``drop_oldest``/``drop_newest``) without
     #: breaking the stream's structure for a client; if not, those policies act as ``block``
     droppable: bool

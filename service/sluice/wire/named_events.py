@@ -124,6 +124,11 @@ class NamedEventFramer:
         return Usage(self._input_tokens, self._output_tokens)
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes of an event begun but not ended, held until it ends."""
+        return len(self._pending)
+
+    @property
     def has_partial_event(self) -> bool:
         return bool(self._pending.strip())
 

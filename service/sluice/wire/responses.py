@@ -233,6 +233,9 @@ class ResponsesGrammar:
     name = "responses"
     upstream_path = "/responses"
     ping_event = b": ping\n\n"
+    #: items and content parts are opened and closed by events of their own: a dropped one breaks the SDK's state
+    droppable = False
+    terminal_name = "response.completed"
 
     def parse_request(self, raw: bytes, *, max_model_name_length: int | None) -> ForwardedRequest:
         return parse_responses_request(raw, max_model_name_length=max_model_name_length)
