@@ -74,7 +74,9 @@ def test_the_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PROVIDER_A_KEY", "PROVIDER_B_KEY", "TEAM_ALPHA_KEY", "TEAM_BETA_KEY"):
         monkeypatch.setenv(name, f"sk-{name.lower()}")
     settings = load_settings(REPO / "sluice.example.toml")
-    assert [m.name for m in settings.models] == ["gpt-4o-mini", "flaky", "backup"]
+    assert [m.name for m in settings.models] == ["gpt-4o-mini", "flaky", "backup", "claude-sim"]
+    claude = settings.models[-1].deployments
+    assert [sorted(d.served_apis) for d in claude] == [["messages"], ["messages", "responses"]]
     assert [k.name for k in settings.keys] == ["team-alpha", "team-beta"]
 
 
