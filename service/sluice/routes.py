@@ -351,7 +351,8 @@ async def passthrough(rest: str) -> Response:
     router = state.router
     assert router is not None
     path = f"/v1/{rest}"
-    if path in _KNOWN_POST_PATHS:
+    if path in _KNOWN_POST_PATHS or request.method == "HEAD":
+        # (HEAD: werkzeug adds it to every GET rule; an upstream API has no use for it.)
         raise errors.MethodNotAllowed(f"Method {request.method} is not allowed for {path}.", headers={"allow": "POST"})
     if router.passthrough is None:
         raise errors.NotFound(f"Unknown request URL: {request.method} {path}.")
