@@ -64,6 +64,30 @@ async def test_responses_create_stream_and_not_and_the_stream_helper(gateway: Ga
     assert final.usage is not None and final.usage.output_tokens == 12
 
 
+async def test_an_openai_agents_sdk_agent_runs_through_the_gateway(gateway: Gateway) -> None:
+    """The Agents SDK's default model talks the Responses API: run and run_streamed, through Sluice."""
+    agents = pytest.importorskip("agents")
+
+    def run_agent() -> tuple[str, str]:
+        import asyncio
+
+        async def main() -> tuple[str, str]:
+            agents.set_tracing_disabled(True)
+            agents.set_default_openai_client(openai.AsyncOpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0))
+            agents.set_default_openai_api("responses")
+            agent = agents.Agent(name="assistant", instructions="Be brief.", model="sim:tokens=8")
+            ran = await agents.Runner.run(agent, PROMPT)
+            streamed = agents.Runner.run_streamed(agent, PROMPT)
+            async for _ in streamed.stream_events():
+                pass
+            return ran.final_output, streamed.final_output
+
+        return asyncio.run(main())
+
+    ran, streamed = await in_thread(run_agent)
+    assert ran == streamed == expected_text(8)
+
+
 async def test_anthropic_messages_create_stream_and_count_tokens(gateway: Gateway, simulator: RunningSimulator) -> None:
     def calls() -> tuple[str, str, Any, int]:
         with anthropic_client(gateway) as client:
@@ -274,3 +298,137 @@ async def test_a_model_served_only_over_another_api_gets_a_4xx_in_that_routes_sh
     assert on_chat.status_code == 400 and on_chat.json()["error"]["code"] == "model_not_supported"
     assert on_messages.status_code == 400 and on_messages.json()["type"] == "error"
     assert served.status_code == 200 and served.json()["content"][0]["text"] == "".join(simulated_tokens("x", 3))
+
+
+# --- against an independent fake upstream ----------------------------------------------------
+#
+# The simulator and the grammars were written from the same notes; this upstream is
+# not: it replays event streams shaped like the providers' documented examples
+# (Anthropic's tool-use stream with a ping after content; a Responses stream with a
+# function call), cut into odd-sized writes, and the SDKs' view through Sluice must
+# equal their view of the upstream itself.
+
+
+def _named(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events)
+
+
+ANTHROPIC_TOOL_STREAM = _named([
+    ("message_start", {"type": "message_start", "message": {
+        "id": "msg_014p7gG3wDgGV9EUtLvnow3U", "type": "message", "role": "assistant", "model": "claude-x",
+        "stop_sequence": None, "usage": {"input_tokens": 472, "output_tokens": 2}, "content": [], "stop_reason": None}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Okay"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": ", let's check the weather"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+        "type": "tool_use", "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "name": "get_weather", "input": {}}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": "{\"location\":"}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": " \"San Francisco, CA\"}"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                       "usage": {"output_tokens": 89}}),
+    ("message_stop", {"type": "message_stop"}),
+])
+
+
+def _response(status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+    return {"id": "resp_67c9fdcecf488190", "object": "response", "created_at": 1741290958, "status": status,
+            "error": None, "incomplete_details": None, "instructions": None, "max_output_tokens": None,
+            "model": "gpt-x", "output": output, "parallel_tool_calls": True, "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None}, "store": True, "temperature": 1.0,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+            "truncation": "disabled", "usage": usage, "user": None, "metadata": {}}
+
+
+_CALL = {"type": "function_call", "id": "fc_12345", "call_id": "call_12345", "name": "get_weather", "arguments": "", "status": "in_progress"}
+_MESSAGE = {"type": "message", "id": "msg_1", "status": "in_progress", "role": "assistant", "content": []}
+_PART = {"type": "output_text", "text": "", "annotations": []}
+_DONE_MESSAGE = {**_MESSAGE, "status": "completed", "content": [{**_PART, "text": "Hi there"}]}
+_DONE_CALL = {**_CALL, "status": "completed", "arguments": "{\"city\":\"Paris\"}"}
+_USAGE = {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 87,
+          "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 123}
+RESPONSES_TOOL_STREAM = _named([
+    (kind, {"type": kind, "sequence_number": n, **data}) for n, (kind, data) in enumerate([
+        ("response.created", {"response": _response("in_progress", [], None)}),
+        ("response.in_progress", {"response": _response("in_progress", [], None)}),
+        ("response.output_item.added", {"output_index": 0, "item": _MESSAGE}),
+        ("response.content_part.added", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "part": _PART}),
+        ("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "Hi", "logprobs": []}),
+        ("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": " there", "logprobs": []}),
+        ("response.output_text.done", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "text": "Hi there", "logprobs": []}),
+        ("response.content_part.done", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "part": {**_PART, "text": "Hi there"}}),
+        ("response.output_item.done", {"output_index": 0, "item": _DONE_MESSAGE}),
+        ("response.output_item.added", {"output_index": 1, "item": _CALL}),
+        ("response.function_call_arguments.delta", {"item_id": "fc_12345", "output_index": 1, "delta": "{\"city\":"}),
+        ("response.function_call_arguments.delta", {"item_id": "fc_12345", "output_index": 1, "delta": "\"Paris\"}"}),
+        ("response.function_call_arguments.done", {"item_id": "fc_12345", "output_index": 1, "arguments": "{\"city\":\"Paris\"}"}),
+        ("response.output_item.done", {"output_index": 1, "item": _DONE_CALL}),
+        ("response.completed", {"response": _response("completed", [_DONE_MESSAGE, _DONE_CALL], _USAGE)}),
+    ])
+])
+
+
+class ReplayUpstream:
+    """Answers every POST with one canned event stream, written in odd-sized pieces."""
+
+    def __init__(self, streams: dict[str, bytes]) -> None:
+        self.streams = streams
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        import h11
+
+        async def connection(stream: trio.SocketStream) -> None:
+            http = h11.Connection(h11.SERVER)
+            async with stream:
+                request = None
+                while True:
+                    event = http.next_event()
+                    if event is h11.NEED_DATA:
+                        http.receive_data(await stream.receive_some(65536))
+                    elif isinstance(event, h11.Request):
+                        request = event
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                assert request is not None
+                body = self.streams[request.target.decode().removeprefix("/v1")]
+                await stream.send_all(http.send(h11.Response(status_code=200, headers=[
+                    ("content-type", "text/event-stream"), ("transfer-encoding", "chunked")])))
+                for start in range(0, len(body), 37):  # cuts events, lines and UTF-8 anywhere
+                    await stream.send_all(http.send(h11.Data(data=body[start:start + 37])))
+                await stream.send_all(http.send(h11.EndOfMessage()))
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1")
+        await trio.serve_listeners(connection, listeners)
+
+
+async def test_provider_shaped_streams_read_the_same_through_sluice_as_direct(
+    nursery: trio.Nursery, start_gateway: GatewayFactory
+) -> None:
+    upstream = await nursery.start(ReplayUpstream({"/messages": ANTHROPIC_TOOL_STREAM, "/responses": RESPONSES_TOOL_STREAM}).serve)
+    gateway = await start_gateway(upstream_base_url=upstream)
+
+    def read(base: str) -> tuple[Any, Any]:
+        with anthropic.Anthropic(base_url=base.removesuffix("/v1"), api_key="k", max_retries=0, timeout=GUARD) as claude:
+            with claude.messages.stream(model="claude-x", max_tokens=1024,
+                                        messages=[{"role": "user", "content": "weather?"}]) as stream:
+                message = stream.get_final_message()
+        with openai.OpenAI(base_url=base, api_key="k", max_retries=0, timeout=GUARD) as client:
+            with client.responses.stream(model="gpt-x", input="weather?") as stream:
+                response = stream.get_final_response()
+        return message, response
+
+    direct = await in_thread(lambda: read(upstream))
+    through = await in_thread(lambda: read(gateway.base_url))
+    message, response = through
+    assert message.model_dump() == direct[0].model_dump()
+    assert message.content[1].input == {"location": "San Francisco, CA"} and message.usage.output_tokens == 89
+    assert response.model_dump() == direct[1].model_dump()
+    assert response.output_text == "Hi there" and response.output[1].arguments == "{\"city\":\"Paris\"}"
