@@ -432,3 +432,23 @@ async def test_provider_shaped_streams_read_the_same_through_sluice_as_direct(
     assert message.content[1].input == {"location": "San Francisco, CA"} and message.usage.output_tokens == 89
     assert response.model_dump() == direct[1].model_dump()
     assert response.output_text == "Hi there" and response.output[1].arguments == "{\"city\":\"Paris\"}"
+
+
+async def test_a_hedge_wins_a_messages_stream_whose_first_deployment_is_slow_to_its_first_content(
+    start_gateway: GatewayFactory, start_simulator: Any
+) -> None:
+    """The slow upstream's message_start arrives at once, but only content claims the stream: the hedge wins."""
+    slow, fast = await start_simulator(), await start_simulator()
+    deployments = [
+        DeploymentConfig(base_url=slow.base_url, model="sim:tokens=5,ttft_ms=5000", weight=1000, name="slow", apis=["messages"]),
+        DeploymentConfig(base_url=fast.base_url, model="sim:tokens=5", weight=0.001, name="fast", apis=["messages"]),
+    ]
+    gateway = await start_gateway(models=[ModelConfig(name="m", strategy="weighted", hedge_after_ms=200, deployments=deployments)])
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=GUARD) as http:
+        response = await http.post("/v1/messages", json={"model": "m", "max_tokens": 50, "stream": True,
+                                                          "messages": [{"role": "user", "content": PROMPT}]})
+    raw = response.content
+    assert raw.count(b"event: message_start") == 1 and raw.count(b"event: message_stop") == 1
+    figures = json.loads(raw.split(b": sluice ", 1)[1].split(b"\n", 1)[0])
+    assert figures["hedge"] == "won" and figures["deployment"] == "fast"
+    await wait_until(lambda: slow.stats.requests_closed_by_client == 1, timeout=GUARD)
