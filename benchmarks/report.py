@@ -17,6 +17,7 @@ COLUMNS = [
     ("x_floor", "x floor"), ("x_stack", "x stack"), ("x_quart", "x quart"), ("x_nginx", "x nginx"), ("peak_rss_mb", "peak RSS MB"), ("rss_open_mb", "RSS open MB"),
     ("upstream_closed_pct", "upstream closed %"), ("cancel_p50_ms", "cancel p50 ms"), ("cancel_p99_ms", "cancel p99 ms"),
     ("rounds", "rounds (median shown)"), ("cpu_x_base_rounds", "CPU x chat, rounds"),
+    ("ttft_p99_x_base_rounds", "TTFT p99 x chat, rounds"),
 ]
 
 
@@ -118,11 +119,14 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         # Issue 15: each streaming API's cost beside chat's, same gateway, same rounds (no target).
         row = get("apis", "sluice", api)
         if chat and row and row.get("cpu_x_base") is not None:
+            rounds = row.get("cpu_x_base_rounds")
             check(f"apis: {api} CPU/token vs chat (no target)",
-                  f"{row['cpu_x_base']:.2f}x ({row['cpu_per_token_us']} vs {chat['cpu_per_token_us']} us)", None)
-        if chat and row and row.get("ttft_p99_ms") is not None and chat.get("ttft_p99_ms") is not None:
+                  f"{row['cpu_x_base']:.2f}x" + (f" (rounds {', '.join(f'{v:.2f}' for v in rounds if v is not None)})" if rounds else "")
+                  + f"; median rounds {row['cpu_per_token_us']:.0f} vs {chat['cpu_per_token_us']:.0f} us", None)
+        if chat and row and row.get("ttft_p99_x_base") is not None:
+            rounds = row.get("ttft_p99_x_base_rounds")
             check(f"apis: {api} TTFT p99 vs chat (no target)",
-                  f"{row['ttft_p99_ms'] - chat['ttft_p99_ms']:+.1f} ms ({row['ttft_p99_ms']} vs {chat['ttft_p99_ms']} ms)", None)
+                  f"{row['ttft_p99_x_base']:.2f}x" + (f" (rounds {', '.join(f'{v:.2f}' for v in rounds if v is not None)})" if rounds else ""), None)
     c = get("cancel", "sluice")
     if c:
         check("cancel: 100% upstreams closed", c.get("upstream_closed_pct"), c.get("upstream_closed_pct") == 100.0)

@@ -170,7 +170,8 @@ def median_rows(scenario: Scenario, measured: list[dict[str, Any]]) -> list[dict
     for runs in by_key.values():
         measured = sorted((r for r in runs if r.get(scenario.median_of) is not None), key=lambda r: r[scenario.median_of])
         row = dict(measured[len(measured) // 2] if measured else runs[0])
-        row["rounds"] = [r.get(scenario.median_of) for r in runs]
+        rounds = [r.get(scenario.median_of) for r in runs]
+        row["rounds"] = rounds if any(v is not None for v in rounds) else None  # direct has no CPU of its own
         chosen.append(row)
     return chosen
 
