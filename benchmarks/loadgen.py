@@ -15,7 +15,23 @@ evenly over this many seconds), ``stream`` (bool), ``abort_after`` (events,
 then close), ``abort_rst`` (close by RST instead of FIN), ``read_bps`` (slow
 reader: bytes per second per stream), ``rcvbuf``, ``timeout_s``,
 ``repeat_s`` (closed loop: each client sends its next request as soon as one
-ends, for this long).
+ends, for this long), ``api`` (which API to call, below).
+
+``api`` picks the request's path and body and how the stream is read
+(a token / the clean end / an error):
+
+* ``chat`` (default): ``/v1/chat/completions``; a data event with non-empty
+  ``content`` / ``data: [DONE]`` / ``data: {"error"...``.
+* ``completions``: ``/v1/completions``; a data event with non-empty
+  ``text`` / ``data: [DONE]`` / ``data: {"error"...``.
+* ``responses``: ``/v1/responses``; ``event: response.output_text.delta`` /
+  ``event: response.completed`` / ``event: error`` or ``response.failed``.
+* ``messages``: ``/v1/messages``; ``event: content_block_delta`` /
+  ``event: message_stop`` / ``event: error``.
+
+Comment lines (``: ping``) are not events. ``events`` counts every event
+but comments and ``[DONE]`` (``abort_after`` counts those). The data-only
+parser (chat, completions) is the one chat always had, and costs the same.
 """
 
 from __future__ import annotations
@@ -32,6 +48,25 @@ from urllib.parse import urlsplit
 
 CONTENT = b'"content":"'
 EMPTY_CONTENT = b'"content":""'
+TEXT = b'"text":"'
+EMPTY_TEXT = b'"text":""'
+
+#: api -> its request path
+PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
+#: named-event APIs: (the token event, the clean end, events that are errors)
+NAMED_EVENTS = {
+    "responses": (b"response.output_text.delta", b"response.completed", (b"error", b"response.failed")),
+    "messages": (b"content_block_delta", b"message_stop", (b"error",)),
+}
+#: what the clean end is called, in the error of a stream that closed before it
+END_NAMES = {"chat": "[DONE]", "completions": "[DONE]", "responses": "response.completed", "messages": "message_stop"}
+#: a whole non-streamed answer holds this
+ANSWER_MARKERS = {"chat": b'"choices"', "completions": b'"choices"', "responses": b'"output"', "messages": b'"content"'}
 
 
 class Stream:
@@ -64,12 +99,27 @@ class Stream:
         self.content_length = -1
 
 
-def build_request(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
+def request_body(api: str, model: str, streaming: bool, prompt: str) -> dict[str, Any]:
+    """The smallest valid request of each API for ``model`` (no cap on the answer below the model's own)."""
+    if api == "chat":
+        return {"model": model, "stream": streaming, "messages": [{"role": "user", "content": prompt}]}
+    if api == "completions":
+        return {"model": model, "prompt": prompt, "stream": streaming}
+    if api == "responses":
+        return {"model": model, "input": prompt, "stream": streaming}
+    if api == "messages":
+        # max_tokens is required by the API; large, so the model string alone says how long the answer is
+        return {"model": model, "max_tokens": 100_000, "messages": [{"role": "user", "content": prompt}], "stream": streaming}
+    raise ValueError(f"unknown api {api!r}; one of {', '.join(PATHS)}")
+
+
+def build_request(url: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+                  path: str = "/v1/chat/completions") -> bytes:
     parts = urlsplit(url)
     payload = json.dumps(body).encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     return (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {parts.hostname}:{parts.port}\r\n{extra}"
+        f"POST {path} HTTP/1.1\r\nhost: {parts.hostname}:{parts.port}\r\n{extra}"
         f"content-type: application/json\r\ncontent-length: {len(payload)}\r\nconnection: close\r\n\r\n"
     ).encode() + payload
 
@@ -87,6 +137,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     repeat_s = spec.get("repeat_s")
     streaming = bool(spec.get("stream", True))
     model = spec.get("model", "sim:tokens=50,itl_ms=20")
+    api = spec.get("api", "chat")
+    request_body(api, model, streaming, "")  # an unknown api fails here, before any connection
+    path = PATHS[api]
+    end_name = END_NAMES[api]
+    answer_marker = ANSWER_MARKERS[api]
 
     epoll = select.epoll()
     by_fd: dict[int, Stream] = {}
@@ -103,9 +158,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(rcvbuf))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = {"model": model.replace("{i}", str(index)), "stream": streaming,
-                "messages": [{"role": "user", "content": f"benchmark {index}"}]}
-        stream = Stream(index, sock, build_request(spec["url"], body, spec.get("headers")))
+        body = request_body(api, model.replace("{i}", str(index)), streaming, f"benchmark {index}")
+        stream = Stream(index, sock, build_request(spec["url"], body, spec.get("headers"), path))
         try:
             sock.connect(address)
         except BlockingIOError:
@@ -130,7 +184,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             open_stream(next_index)
             next_index += 1
 
-    def on_sse(stream: Stream) -> None:
+    def on_data_events(stream: Stream) -> None:
         data = stream.sse
         end = data.rfind(b"\n\n")
         if end < 0:
@@ -146,13 +200,47 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             if event.startswith(b'data: {"error"'):
                 stream.error = event[6:200].decode(errors="replace")
                 continue
-            if CONTENT in event and EMPTY_CONTENT not in event:
+            if token_marker in event and empty_marker not in event:
                 stream.tokens += 1
                 if stream.first_token is None:
                     stream.first_token = time.monotonic()
         if abort_after is not None and stream.events >= abort_after and stream.aborted_at is None:
             stream.aborted_at = time.monotonic()
             close(stream, rst=abort_rst)
+
+    token_marker, empty_marker = (TEXT, EMPTY_TEXT) if api == "completions" else (CONTENT, EMPTY_CONTENT)
+    token_event, end_event, error_events = NAMED_EVENTS.get(api, (b"", b"", ()))
+
+    def on_named_events(stream: Stream) -> None:
+        """Blocks of ``event: <name>`` + ``data: ...`` lines; ``:`` comment lines are skipped."""
+        data = stream.sse
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            return
+        stream.sse = data[end + 2:]
+        for event in data[:end].split(b"\n\n"):
+            while event.startswith(b":"):  # comment lines before the event (or all of it)
+                newline = event.find(b"\n")
+                event = b"" if newline < 0 else event[newline + 1:]
+            if not event.startswith(b"event:"):
+                continue
+            newline = event.find(b"\n")
+            name = (event[6:] if newline < 0 else event[6:newline]).strip()
+            stream.events += 1
+            if name == token_event:
+                stream.tokens += 1
+                if stream.first_token is None:
+                    stream.first_token = time.monotonic()
+            elif name == end_event:
+                stream.done = True
+            elif name in error_events:
+                stream.error = event[:200].decode(errors="replace")
+        if abort_after is not None and stream.events >= abort_after and stream.aborted_at is None:
+            stream.aborted_at = time.monotonic()
+            close(stream, rst=abort_rst)
+
+    on_sse = on_named_events if api in NAMED_EVENTS else on_data_events
+
 
     def on_body(stream: Stream, data: bytes) -> None:
         stream.body_bytes += len(data)
@@ -180,7 +268,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             stream.read_budget -= len(data)
         if not data:
             if not stream.done and streaming:
-                stream.error = stream.error or "closed before [DONE]"
+                stream.error = stream.error or f"closed before {end_name}"
             close(stream)
             return
         buf = stream.buf + data
@@ -203,7 +291,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             stream.buf = b""
             on_body(stream, buf)
             if not streaming and 0 <= stream.content_length <= stream.body_bytes:
-                stream.done = b'"choices"' in stream.sse
+                stream.done = answer_marker in stream.sse
                 if stream.done and stream.first_token is None:
                     stream.first_token = time.monotonic()
                     stream.tokens = 1
@@ -219,8 +307,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 buf = buf[line_end + 2:]
                 if size == 0:
                     stream.state = "end"
+                    if streaming and not stream.done:
+                        stream.error = stream.error or f"body ended before {end_name}"
                     if not streaming:
-                        stream.done = b'"choices"' in stream.sse
+                        stream.done = answer_marker in stream.sse
                         if stream.done:
                             stream.first_token = stream.first_token or time.monotonic()
                             stream.tokens = 1

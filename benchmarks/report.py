@@ -13,9 +13,11 @@ COLUMNS = [
     ("tokens", "tokens"), ("tokens_expected", "sent"), ("events_per_s", "events/s"),
     ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("ttft_p99_vs_direct", "p99 - direct"),
     ("cpu_per_token_us", "CPU/token us"), ("cpu_per_request_ms", "CPU/req ms"),
+    ("cpu_x_base", "CPU/token x chat"), ("ttft_p99_x_base", "TTFT p99 x chat"),
     ("x_floor", "x floor"), ("x_stack", "x stack"), ("x_quart", "x quart"), ("x_nginx", "x nginx"), ("peak_rss_mb", "peak RSS MB"), ("rss_open_mb", "RSS open MB"),
     ("upstream_closed_pct", "upstream closed %"), ("cancel_p50_ms", "cancel p50 ms"), ("cancel_p99_ms", "cancel p99 ms"),
-    ("rounds", "rounds (median shown)"),
+    ("rounds", "rounds (median shown)"), ("cpu_x_base_rounds", "CPU x chat, rounds"),
+    ("ttft_p99_x_base_rounds", "TTFT p99 x chat, rounds"),
 ]
 
 
@@ -112,6 +114,19 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     if one and two and one["tokens_per_s"] and two["tokens_per_s"]:
         ratio = two["tokens_per_s"] / one["tokens_per_s"]
         check("workers: 2 workers' tokens/s >= 1.7x one", f"{ratio:.2f}x ({two['tokens_per_s']:.0f} vs {one['tokens_per_s']:.0f})", ratio >= 1.7)
+    chat = get("apis", "sluice", "chat")
+    for api in ("responses", "messages"):
+        # Issue 15: each streaming API's cost beside chat's, same gateway, same rounds (no target).
+        row = get("apis", "sluice", api)
+        if chat and row and row.get("cpu_x_base") is not None:
+            rounds = row.get("cpu_x_base_rounds")
+            check(f"apis: {api} CPU/token vs chat (no target)",
+                  f"{row['cpu_x_base']:.2f}x" + (f" (rounds {', '.join(f'{v:.2f}' for v in rounds if v is not None)})" if rounds else "")
+                  + f"; median rounds {row['cpu_per_token_us']:.0f} vs {chat['cpu_per_token_us']:.0f} us", None)
+        if chat and row and row.get("ttft_p99_x_base") is not None:
+            rounds = row.get("ttft_p99_x_base_rounds")
+            check(f"apis: {api} TTFT p99 vs chat (no target)",
+                  f"{row['ttft_p99_x_base']:.2f}x" + (f" (rounds {', '.join(f'{v:.2f}' for v in rounds if v is not None)})" if rounds else ""), None)
     c = get("cancel", "sluice")
     if c:
         check("cancel: 100% upstreams closed", c.get("upstream_closed_pct"), c.get("upstream_closed_pct") == 100.0)
@@ -135,6 +150,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["## Targets (Sluice)", "", "| target | measured | result |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in checks]
         lines.append("")
+    if meta.get("scenario_seconds"):
+        lines += [f"Run time: {meta['seconds']} s (" + ", ".join(f"{k} {v} s" for k, v in meta["scenario_seconds"].items()) + ").", ""]
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     return "\n".join(lines)

@@ -33,6 +33,8 @@ class Scenario:
     #: rounds over all gateways, interleaved; each gateway's row is its median round by ``median_of``
     repeats: int = 1
     median_of: str = "cpu_per_token_us"
+    #: the variant every other is compared with, on the same gateway in the same round (``x_<variant>`` columns)
+    baseline_variant: str | None = None
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -55,6 +57,14 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
     return {
         "sustained": Scenario(
             "sustained", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens, repeats=rounds
+        ),
+        # The sustained shape on each streaming API, to compare their CPU per token and TTFT with chat's.
+        # The floors relay chat only, so: direct (the upstream's own figures) and sluice.
+        "apis": Scenario(
+            "apis",
+            [(api, {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0, "api": api})
+             for api in ("chat", "responses", "messages")],
+            tokens, gateways=("direct", "sluice"), repeats=rounds, baseline_variant="chat",
         ),
         "ttft": Scenario("ttft", [("10", {"streams": 10, "model": "sim:tokens=5", "ramp_s": 0.5})], 5),
         "requests": Scenario(
@@ -120,8 +130,37 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
     }
 
 
+def baseline_ratios(scenario: Scenario, measured: list[dict[str, Any]]) -> None:
+    """Each row's CPU per token and TTFT p99 over the baseline variant's: ``cpu_x_base``, ``ttft_p99_x_base``.
+
+    The variants of one round run back to back on one gateway, so their ratio
+    is less exposed to the machine's drift than a ratio of two medians taken
+    minutes apart: each round's ratio is taken on its own gateway and round,
+    and every row of a (gateway, variant) gets the median of its rounds'
+    ratios, with each round's in ``<name>_rounds``.
+    """
+    if scenario.baseline_variant is None:
+        return
+    base = {(r["gateway"], r.get("round", 0)): r for r in measured if r["variant"] == scenario.baseline_variant}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in measured:
+        runs.setdefault((row["gateway"], row["variant"]), []).append(row)
+    for (gateway, _), rows in runs.items():
+        for metric, name in (("cpu_per_token_us", "cpu_x_base"), ("ttft_p99_ms", "ttft_p99_x_base")):
+            ratios = []
+            for row in rows:
+                other = base.get((gateway, row.get("round", 0)))
+                ok = other is not None and row.get(metric) is not None and other.get(metric)
+                ratios.append(round(row[metric] / other[metric], 3) if ok else None)
+            known = [r for r in ratios if r is not None]
+            for row in rows:
+                row[name] = round(statistics.median(known), 2) if known else None
+                row[name + "_rounds"] = ratios if len(rows) > 1 and known else None
+
+
 def median_rows(scenario: Scenario, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each (gateway, load) row of its median round by ``scenario.median_of``; every round's value kept."""
+    baseline_ratios(scenario, measured)
     if scenario.repeats == 1:
         return measured
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -131,7 +170,8 @@ def median_rows(scenario: Scenario, measured: list[dict[str, Any]]) -> list[dict
     for runs in by_key.values():
         measured = sorted((r for r in runs if r.get(scenario.median_of) is not None), key=lambda r: r[scenario.median_of])
         row = dict(measured[len(measured) // 2] if measured else runs[0])
-        row["rounds"] = [r.get(scenario.median_of) for r in runs]
+        rounds = [r.get(scenario.median_of) for r in runs]
+        row["rounds"] = rounds if any(v is not None for v in rounds) else None  # direct has no CPU of its own
         chosen.append(row)
     return chosen
 
@@ -152,7 +192,8 @@ def _measure(scenario: Scenario, variant: str, spec: dict[str, Any], system: Tar
         spec["headers"] = system.headers
     # One request first, for every gateway: its upstream connection, lazy
     # imports and first-call caches are start-up, not the scenario's load.
-    warm = {"url": system.url, "streams": 1, "model": "sim:tokens=1", **({"headers": system.headers} if system.headers else {})}
+    warm = {"url": system.url, "streams": 1, "model": "sim:tokens=1", "api": spec.get("api", "chat"),
+            **({"headers": system.headers} if system.headers else {})}
     run_loadgen(warm, 30)
     http_json(sim + "/sim/reset", "POST")
     cpu_before = cpu_seconds(system.pid) if system.pid else 0.0
@@ -185,6 +226,7 @@ def _measure(scenario: Scenario, variant: str, spec: dict[str, Any], system: Tar
     row: dict[str, Any] = {
         "scenario": scenario.name,
         "variant": variant,
+        "api": spec.get("api", "chat"),
         "gateway": system.name,
         "streams": result["streams"],
         "completed": result["completed"],
@@ -239,7 +281,7 @@ def correctness_problems(row: dict[str, Any]) -> list[str]:
     """What the smoke run fails on: lost tokens, failed streams, leaked upstream requests."""
     problems = []
     where = f"{row['scenario']}/{row['variant']} on {row['gateway']}"
-    if row["scenario"] in ("sustained", "ttft", "throughput", "overload", "requests", "features", "features-requests") and row["failed"]:
+    if row["scenario"] in ("sustained", "apis", "ttft", "throughput", "overload", "requests", "features", "features-requests") and row["failed"]:
         problems.append(f"{where}: {row['failed']} failed streams ({row['errors']})")
     if row["tokens_expected"] is not None and row["tokens"] != row["tokens_expected"] and row["scenario"] not in ("capacity", "workers-streams"):
         problems.append(f"{where}: {row['tokens']} tokens delivered, {row['tokens_expected']} sent")
