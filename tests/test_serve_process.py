@@ -49,20 +49,30 @@ async def test_a_busy_port_is_reported_in_one_line_with_exit_code_2(busy_port: i
     assert done.stderr == f"sluice: cannot listen on 127.0.0.1:{busy_port}: Address already in use\n"
 
 
-async def _start_and_wait_ready(command: list[str], stderr: Path) -> subprocess.Popen[bytes]:
+async def _start_and_wait_ready(command: list[str], stderr: Path, workers: int = 1) -> subprocess.Popen[bytes]:
+    """Start the gateway; return once ``workers`` distinct workers have answered ``/health``.
+
+    Every worker must be serving (its signal handling installed) before a test
+    signals the supervisor: a worker still starting dies of SIGTERM's default
+    action and never drains.
+    """
     url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
     with stderr.open("wb") as err:
         process = subprocess.Popen(command, env=_ENV, stdout=subprocess.DEVNULL, stderr=err)
-    async with httpx2.AsyncClient() as http:
-        with trio.fail_after(90):
-            while True:
-                assert process.poll() is None, stderr.read_text()
-                try:
-                    if (await http.get(url + "/health")).status_code == 200:
-                        return process
-                except httpx2.TransportError:
-                    pass
-                await trio.sleep(0.2)
+    ready: set[int] = set()
+    with trio.fail_after(90):
+        while len(ready) < workers:
+            assert process.poll() is None, stderr.read_text()
+            try:
+                async with httpx2.AsyncClient() as http:  # a new connection each time: the kernel spreads them
+                    response = await http.get(url + "/health")
+                if response.status_code == 200:
+                    ready.add(response.json()["process"]["pid"])
+                    continue
+            except httpx2.TransportError:
+                pass
+            await trio.sleep(0.2)
+    return process
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -75,6 +85,7 @@ async def test_a_second_signal_ends_the_drain_now_with_a_final_event_and_no_trac
     process = await _start_and_wait_ready(
         serve_command(port, "--workers", str(workers), "--upstream-base-url", simulator.base_url, "--drain-timeout", "600"),
         stderr,
+        workers,
     )
     try:
         streams = [
@@ -86,7 +97,10 @@ async def test_a_second_signal_ends_the_drain_now_with_a_final_event_and_no_trac
         # The second signal must arrive after the first was taken (two pending
         # signals of one kind are one): wait for the drain to have started.
         draining_lines = workers  # one "draining" line per worker
-        await wait_until(lambda: stderr.read_text().count("draining for up to") >= draining_lines, timeout=60)
+        with trio.move_on_after(60) as waited:
+            while stderr.read_text().count("draining for up to") < draining_lines:
+                await trio.sleep(0.005)
+        assert not waited.cancelled_caught, stderr.read_text()[-4000:]
         process.send_signal(signal.SIGINT)
         with trio.move_on_after(60) as waited:
             bodies = [await stream.read_all() for stream in streams]
@@ -112,6 +126,7 @@ async def test_a_draining_gateway_refuses_new_connections(simulator: RunningSimu
     process = await _start_and_wait_ready(
         serve_command(port, "--workers", str(workers), "--upstream-base-url", simulator.base_url, "--drain-timeout", "600"),
         stderr,
+        workers,
     )
     try:
         stream = await RawStream.open(f"http://127.0.0.1:{port}", chat_body("sim:tokens=25000,itl_ms=20"))
