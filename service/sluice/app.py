@@ -46,7 +46,7 @@ from .budget import MemoryBudget
 from .config import Settings
 from .connection import KeepAliveHTTPConnection
 from .logs import redact
-from .limits import KeyTable, LimitStore, LocalLimitStore, VirtualKey
+from .limits import KeyTable, LimitStore, LocalLimitStore
 from .metrics import GatewayMetrics
 from .policies import BACKPRESSURE_HEADER
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE

@@ -56,7 +56,6 @@ upstream response closed. The client sees one stream, from one upstream.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable

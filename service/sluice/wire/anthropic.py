@@ -39,7 +39,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SluiceError, UpstreamStatusError
-from .named_events import NamedEventFramer, int_or_none
+from .named_events import NamedEventFramer, coalesce_runs, int_or_none
 from .openai import BackpressureName, check_model_name_length, load_json_object, validate_body
 from .request import ForwardedRequest
 
@@ -205,38 +205,16 @@ def coalesce(payload: bytes) -> tuple[bytes, int]:
     start/stop, ``signature_delta``, ``citations_delta``, unknown fields) is
     a barrier kept byte for byte. A run of one event is kept byte for byte.
     """
-    events = payload.split(b"\n\n")
-    events.pop()
-    out: list[bytes] = []
-    run: dict[str, Any] | None = None
-    run_raw = b""
-    run_key: tuple[Any, ...] = ()
-    run_merged = 0
-    merged = 0
+    return coalesce_runs(payload, _DELTA_HEAD, _mergeable_delta, _delta_run, _merge_delta)
 
-    def flush() -> None:
-        if run is not None:
-            out.append(run_raw if run_merged == 0 else _DELTA_HEAD + _dump(run) + b"\n\n")
 
-    for event in events:
-        delta = _mergeable_delta(event)
-        if delta is None:
-            flush()
-            run = None
-            out.append(event + b"\n\n")
-            continue
-        kind = delta["delta"]["type"]
-        key = (delta["index"], kind)
-        if run is not None and key == run_key:
-            field = _DELTA_TEXT[kind]
-            run["delta"][field] += delta["delta"][field]
-            run_merged += 1
-            merged += 1
-            continue
-        flush()
-        run, run_raw, run_key, run_merged = delta, event + b"\n\n", key, 0
-    flush()
-    return b"".join(out), merged
+def _delta_run(delta: dict[str, Any]) -> tuple[Any, ...]:
+    return (delta["index"], delta["delta"]["type"])
+
+
+def _merge_delta(run: dict[str, Any], delta: dict[str, Any]) -> None:
+    field = _DELTA_TEXT[delta["delta"]["type"]]
+    run["delta"][field] += delta["delta"][field]
 
 
 def _mergeable_delta(event: bytes) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ Invariants (besides those of :mod:`sluice.wire.grammar`):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..errors import SluiceError
@@ -307,3 +308,54 @@ def _load_object(payload: bytes) -> dict[str, Any] | None:
 def int_or_none(value: object) -> int | None:
     """A token count as the upstream reported it (``bool`` is not a count)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def coalesce_runs(
+    payload: bytes,
+    head: bytes,
+    mergeable: Callable[[bytes], dict[str, Any] | None],
+    run_key: Callable[[dict[str, Any]], tuple[Any, ...]],
+    merge: Callable[[dict[str, Any], dict[str, Any]], None],
+) -> tuple[bytes, int]:
+    """Merge consecutive mergeable events of one run key; return (events, events merged away).
+
+    ``mergeable`` parses an event into its data object, or ``None`` for a
+    barrier (kept byte for byte, as is a run of one event); ``merge`` folds
+    the next event of a run into the first. A merged run is written as
+    ``head`` + its JSON. Paid only while a ``coalesce`` stream's channel is
+    full: one ``json.loads`` per mergeable event.
+    """
+    events = payload.split(b"\n\n")
+    events.pop()
+    out: list[bytes] = []
+    run: dict[str, Any] | None = None
+    run_raw = b""
+    key: tuple[Any, ...] = ()
+    run_merged = 0
+    merged = 0
+
+    def flush() -> None:
+        if run is not None:
+            out.append(run_raw if run_merged == 0 else head + _dump(run) + b"\n\n")
+
+    for event in events:
+        data = mergeable(event)
+        if data is None:
+            flush()
+            run = None
+            out.append(event + b"\n\n")
+            continue
+        this_key = run_key(data)
+        if run is not None and this_key == key:
+            merge(run, data)
+            run_merged += 1
+            merged += 1
+            continue
+        flush()
+        run, run_raw, key, run_merged = data, event + b"\n\n", this_key, 0
+    flush()
+    return b"".join(out), merged
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

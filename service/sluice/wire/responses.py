@@ -46,7 +46,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SluiceError
-from .named_events import NamedEventFramer, int_or_none
+from .named_events import NamedEventFramer, coalesce_runs, int_or_none
 from .openai import BackpressureName, check_model_name_length, load_json_object, validate_body
 from .request import ForwardedRequest
 
@@ -171,42 +171,17 @@ def coalesce(payload: bytes) -> tuple[bytes, int]:
     byte. Cost: one ``json.loads`` per delta, paid only while a ``coalesce``
     stream's channel is full.
     """
-    events = payload.split(b"\n\n")
-    events.pop()
-    out: list[bytes] = []
-    run: dict[str, Any] | None = None
-    run_raw = b""
-    run_key: tuple[Any, ...] = ()
-    run_merged = 0
-    merged = 0
-
-    def flush() -> None:
-        if run is not None:
-            out.append(run_raw if run_merged == 0 else _DELTA_HEAD + _dump(run) + b"\n\n")
-
-    for event in events:
-        delta = _mergeable_delta(event)
-        if delta is None:
-            flush()
-            run = None
-            out.append(event + b"\n\n")
-            continue
-        key = (delta.get("item_id"), delta.get("output_index"), delta.get("content_index"))
-        if run is not None and key == run_key:
-            run["delta"] += delta["delta"]
-            if "logprobs" in delta or "logprobs" in run:
-                run["logprobs"] = (run.get("logprobs") or []) + (delta.get("logprobs") or [])
-            run_merged += 1
-            merged += 1
-            continue
-        flush()
-        run, run_raw, run_key, run_merged = delta, event + b"\n\n", key, 0
-    flush()
-    return b"".join(out), merged
+    return coalesce_runs(payload, _DELTA_HEAD, _mergeable_delta, _part_of, _merge_delta)
 
 
-def _dump(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+def _part_of(delta: dict[str, Any]) -> tuple[Any, ...]:
+    return (delta.get("item_id"), delta.get("output_index"), delta.get("content_index"))
+
+
+def _merge_delta(run: dict[str, Any], delta: dict[str, Any]) -> None:
+    run["delta"] += delta["delta"]
+    if "logprobs" in delta or "logprobs" in run:
+        run["logprobs"] = (run.get("logprobs") or []) + (delta.get("logprobs") or [])
 
 
 def _mergeable_delta(event: bytes) -> dict[str, Any] | None:
