@@ -6,16 +6,15 @@ port, no extra dependency. The browser runs in a temporary profile and is
 closed (then killed, if it lingers) when the context ends.
 
 :func:`ensure_chromium` installs Debian's ``chromium`` when it is missing
-and the tests run as root with apt-get (as deploy/fleet.py does for nginx
-and redis-server), so ``./dev.sh test`` on a fresh CI machine runs the
-browser tests instead of skipping them; elsewhere they skip with a reason.
+and the tests run as root with apt-get (deploy/fleet.py's
+:func:`~deploy.fleet.ensure_binary`, as for nginx and redis-server), so
+``./dev.sh test`` on a fresh CI machine runs the browser tests instead of skipping them; elsewhere they skip with a reason.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -25,28 +24,19 @@ from typing import Any
 
 import trio
 
-_install_tried = False
+from deploy.fleet import ensure_binary
 
 
-def chromium_path() -> str | None:
+def ensure_chromium() -> str:
+    """Chromium's path, apt-get installing Debian's ``chromium`` first when missing (as root).
+
+    Raises ``RuntimeError`` saying why when it cannot be had.
+    """
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)
         if found:
             return found
-    return None
-
-
-def ensure_chromium() -> str | None:
-    """Chromium's path; apt-get installs Debian's ``chromium`` first when missing and allowed (once per run)."""
-    global _install_tried
-    found = chromium_path()
-    if found or _install_tried or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    _install_tried = True
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900)
-    return chromium_path()
+    return ensure_binary("chromium", ["chromium"])
 
 
 class Page:

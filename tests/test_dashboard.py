@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -213,13 +214,13 @@ DEPLOYMENTS_JS = "JSON.stringify([...document.querySelectorAll('#deployments tr.
 
 @pytest.fixture
 def chromium() -> str:
-    path = ensure_chromium()
-    if path is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; ./dev.sh test installs it when run as root)")
-    return path
+    try:
+        return ensure_chromium()
+    except RuntimeError as cannot:
+        pytest.skip(f"no headless browser: {cannot}")
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(1200)  # a fresh machine apt-installs chromium first
 async def test_in_a_browser_rows_appear_and_leave_as_streams_start_and_end(
     start_gateway: GatewayFactory, chromium: str
 ) -> None:
@@ -281,7 +282,5 @@ async def test_in_a_browser_rows_appear_and_leave_as_streams_start_and_end(
 
 def _screenshot_path() -> Path | None:
     """``SLUICE_DASHBOARD_SCREENSHOT=docs/dashboard.png`` keeps a picture of the populated page (how docs/ got its one)."""
-    import os
-
     target = os.environ.get("SLUICE_DASHBOARD_SCREENSHOT")
     return Path(target) if target else None
