@@ -14,10 +14,11 @@ import httpx2
 import pytest
 import trio
 
+from sluice.config import DeploymentConfig, ModelConfig
 from sluice.dashboard import RateWindow, Totals
 
 from .browser import ensure_chromium, open_browser
-from .support import Gateway, GatewayFactory, chat_body, health_figures, stream_chat, wait_until_async
+from .support import Gateway, GatewayFactory, SimulatorFactory, chat_body, health_figures, stream_chat, wait_until_async
 
 SLOW = "sim:tokens=50,itl_ms=50"  # ~2.5 s: long enough to be seen on the feed
 DEADLINE = 30  # seconds; only to turn a hang into a failure
@@ -94,6 +95,31 @@ async def test_the_feed_shows_a_stream_while_it_runs_and_not_after_it_ended(gate
                 gone = await feed.until(lambda s: "watched-stream" not in ids(s))
                 assert finished.is_set() or gone["active_streams"] == 0
                 assert gone["rates"]["tokens_per_s"] > 0
+
+
+async def test_the_feed_shows_a_deployment_cooling_down_and_the_error_that_put_it_there(
+    start_gateway: GatewayFactory, start_simulator: SimulatorFactory
+) -> None:
+    failing, healthy = await start_simulator(), await start_simulator()
+    gateway = await start_gateway(
+        retry_max_attempts=1,
+        cooldown_failures=1,
+        cooldown_seconds=600,
+        models=[
+            ModelConfig(name="broken", deployments=[DeploymentConfig(base_url=failing.base_url, model="sim:fault=status,status_code=503", name="failing")]),
+            ModelConfig(name="fine", deployments=[DeploymentConfig(base_url=healthy.base_url, model="sim:tokens=3", name="healthy")]),
+        ],
+    )
+    with trio.fail_after(DEADLINE):
+        async with httpx2.AsyncClient(base_url=gateway.url, timeout=DEADLINE) as http:
+            refused = await http.post("/v1/chat/completions", json=chat_body("broken"))
+            assert refused.status_code >= 500
+            async with open_feed(http) as feed:
+                snapshot = await feed.until(lambda s: s["rates"]["errors_per_min"] >= 1)
+    by_name = {d["name"]: d for d in snapshot["deployments"]}
+    assert by_name["failing"]["cooling"] is True and 0 < by_name["failing"]["cooldown_left_s"] <= 600
+    assert by_name["healthy"] == {"name": "healthy", "active": 0, "consecutive_failures": 0, "cooling": False, "cooldown_left_s": 0.0}
+    assert snapshot["rates"]["requests_per_min"] >= 1
 
 
 async def test_the_feed_ends_when_the_gateway_drains_and_a_new_one_is_refused(gateway: Gateway) -> None:
