@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ import httpx2
 import pytest
 import trio
 
+from deploy.fleet import free_port
 from sluice.config import DeploymentConfig, ModelConfig
 from sluice.dashboard import RateWindow, Totals
 
@@ -135,6 +139,41 @@ async def test_the_feed_ends_when_the_gateway_drains_and_a_new_one_is_refused(ga
             refused = await http.get("/dashboard/events")
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "server_shutting_down"
+
+
+async def test_on_sigterm_the_feed_ends_and_does_not_hold_the_process(tmp_path: Path) -> None:
+    """A real ``sluice serve``: the feed is not a stream the drain waits for, and it ends by itself."""
+    port = free_port()
+    stderr = tmp_path / "stderr"
+    # A drain (and hypercorn's graceful wait) far longer than the test's bounds: only the feed ending lets the process go.
+    command = [sys.executable, "-m", "sluice.cli", "serve", "--port", str(port), "--drain-timeout", "600"]
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=DEADLINE) as http:
+
+            async def ready() -> bool:
+                assert process.poll() is None, stderr.read_text()
+                try:
+                    return (await http.get("/health")).status_code == 200
+                except httpx2.TransportError:
+                    return False
+
+            await wait_until_async(ready, timeout=90, interval=0.2)
+            with trio.fail_after(60):
+                async with open_feed(http) as feed:
+                    assert await feed.next() is not None
+                    process.send_signal(signal.SIGTERM)
+                    await feed.until(lambda s: s["draining"])
+                    assert await feed.next() is None and feed.events[-1] == "end"
+                code = await trio.to_thread.run_sync(process.wait, 60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 0
+    assert "Traceback" not in stderr.read_text()
 
 
 async def test_a_feed_whose_viewer_leaves_ends_and_leaves_no_task_behind(gateway: Gateway) -> None:
