@@ -19,6 +19,7 @@ import trio
 
 from deploy.fleet import free_port
 from sluice.config import DeploymentConfig, ModelConfig
+from sluice import dashboard
 from sluice.dashboard import RateWindow, Totals
 
 from .browser import ensure_chromium, open_browser
@@ -99,6 +100,24 @@ async def test_the_feed_shows_a_stream_while_it_runs_and_not_after_it_ended(gate
                 gone = await feed.until(lambda s: "watched-stream" not in ids(s))
                 assert finished.is_set() or gone["active_streams"] == 0
                 assert gone["rates"]["tokens_per_s"] > 0
+
+
+async def test_past_the_row_limit_the_oldest_streams_are_listed_and_the_rest_counted(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dashboard, "MAX_ROWS", 1)
+
+    async def slow_stream(http: httpx2.AsyncClient, request_id: str) -> None:
+        await stream_chat(http, chat_body(SLOW), headers={"x-request-id": request_id})
+
+    with trio.fail_after(DEADLINE):
+        async with httpx2.AsyncClient(base_url=gateway.url, timeout=DEADLINE) as http, trio.open_nursery() as nursery:
+            async with open_feed(http) as feed:
+                nursery.start_soon(slow_stream, http, "older")
+                await feed.until(lambda s: ids(s) == {"older"})
+                nursery.start_soon(slow_stream, http, "younger")
+                both = await feed.until(lambda s: len(s["streams"]) + s["streams_not_shown"] == 2)
+                assert ids(both) == {"older"} and both["streams_not_shown"] == 1
 
 
 async def test_the_feed_shows_a_deployment_cooling_down_and_the_error_that_put_it_there(
