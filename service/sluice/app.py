@@ -45,6 +45,7 @@ from . import errors
 from .budget import MemoryBudget
 from .config import Settings
 from .connection import KeepAliveHTTPConnection
+from .dashboard import dashboard
 from .logs import redact
 from .limits import KeyTable, LimitStore, LocalLimitStore
 from .metrics import GatewayMetrics
@@ -173,6 +174,8 @@ def create_app(settings: Settings) -> SluiceApp:
         *(os.environ.get(d.api_key_env or "") for m in settings.models for d in m.deployments),
     ]
     gateway_keys = [key.secret.decode() for key in state.keys.keys]
+    if settings.admin_api_key is not None:
+        gateway_keys.append(settings.admin_api_key.get_secret_value())  # a secret like them, never sent upstream
     redact(*provider_keys, *gateway_keys)
     state.scrubber = Scrubber([*provider_keys, *gateway_keys])
     # Streamed content is scanned on every upstream read, so only for what an
@@ -357,6 +360,7 @@ def create_app(settings: Settings) -> SluiceApp:
         return snapshot
 
     app.register_blueprint(api)
+    app.register_blueprint(dashboard)
     return app
 
 

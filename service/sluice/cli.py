@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stall-timeout", type=float, help="seconds a client may leave sent data unread before it is cut; 0 = never [SLUICE_STALL_TIMEOUT, default 30]")
     serve.add_argument("--drain-timeout", type=float, help="on SIGTERM, seconds streams may finish before they end with an error event [SLUICE_DRAIN_TIMEOUT, default 10]")
     serve.add_argument("--api-keys", help="comma-separated gateway keys clients must send as Bearer tokens [SLUICE_API_KEYS; default: open]")
+    serve.add_argument("--admin-api-key", help="the key that opens /dashboard (needed with gateway keys) [SLUICE_ADMIN_API_KEY]")
     serve.add_argument("--cors-origins", help="comma-separated origins allowed by CORS [SLUICE_CORS_ORIGINS; default: CORS off]")
     serve.add_argument("--keep-alive-timeout", type=float, help="seconds an idle keep-alive connection is kept [SLUICE_KEEP_ALIVE_TIMEOUT, default 75]")
     serve.add_argument("--request-head-timeout", type=float, help="seconds a connection may take to send a request head [SLUICE_REQUEST_HEAD_TIMEOUT, default 10]")

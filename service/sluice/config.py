@@ -172,6 +172,8 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(default=10.0, ge=0)
     #: gateway API keys clients must send as ``Authorization: Bearer``; empty = open
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    #: the key that opens ``/dashboard``; required for it when gateway keys are configured
+    admin_api_key: SecretStr | None = None
     #: origins allowed by CORS; empty = CORS off (no Access-Control-* headers)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: an idle keep-alive connection is closed after this long without a request (seconds)

@@ -214,6 +214,12 @@ class StreamRelay(ResponseBody):
         return self._receive.statistics().current_buffer_used if self._receive is not None else 0
 
     @property
+    def tokens_so_far(self) -> int:
+        """Content deltas framed so far (``stats.tokens`` is filled in when the stream ends)."""
+        framer = self._framer
+        return framer.content_deltas if framer is not None else self.stats.tokens
+
+    @property
     def first_deployment(self) -> str:
         """The deployment the stream opened on (a hedge that wins is in the figures)."""
         opened = self._producers[0].opened if self._producers else None
