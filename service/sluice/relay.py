@@ -75,7 +75,7 @@ from .errors import (
     StreamInterrupted,
     UpstreamTimeout,
 )
-from .metrics import GatewayMetrics, StreamStats
+from .metrics import GatewayMetrics, HedgeState, Outcome, StreamStats
 from .policies import Backpressure
 from .redaction import Scrubber
 from .router import Deployment, OpenedStream
@@ -205,7 +205,7 @@ class StreamRelay(ResponseBody):
         except BaseException as exc:
             if isinstance(exc, SluiceError):
                 self.stats.status = exc.status
-                self.stats.outcome = f"error:{exc.code}"
+                self.stats.end_with_error(exc.code)
             await self.release()
             raise
 
@@ -258,8 +258,8 @@ class StreamRelay(ResponseBody):
             await producer.aclose()  # shielded
         stats = self.stats
         stats.ended_at = trio.current_time()
-        if stats.outcome == "running":
-            stats.outcome = "client_disconnect"
+        if stats.outcome is Outcome.RUNNING:
+            stats.outcome = Outcome.CLIENT_DISCONNECT
         if self._receive is not None:
             stats.peak_queue = self._receive.statistics().peak_buffer_used
         stats.peak_bytes = self.budget.peak
@@ -337,13 +337,13 @@ class StreamRelay(ResponseBody):
         stats.peak_bytes = self.budget.peak
         framer = self._framer if self._framer is not None else self._new_framer()
         if self._upstream_error_event is not None:
-            stats.outcome = "error:upstream_error_event"
+            stats.end_with_error("upstream_error_event")
             terminal = self._upstream_error_event
         elif self._error is not None:
-            stats.outcome = f"error:{self._error.code}"
+            stats.end_with_error(self._error.code)
             terminal = framer.error_event(self._error)
         else:
-            stats.outcome = "done"
+            stats.outcome = Outcome.DONE
             terminal = framer.terminal
         return comment_event(stats.comment_text()) + self._scrubber.scrub(terminal)
 
@@ -389,14 +389,14 @@ class StreamRelay(ResponseBody):
                 try:
                     opened = await self._open_hedge(first.opened.deployment)
                 except SluiceError:
-                    self.stats.hedge = "failed"
+                    self.stats.hedge = HedgeState.FAILED
                     return
                 hedge = _Producer(opened, is_hedge=True)
                 self._producers.append(hedge)
-                self.stats.hedge = "started"
+                self.stats.hedge = HedgeState.STARTED
                 race.start_soon(self._contend, race, send_channel, hedge)
-        if self.stats.hedge == "started":
-            self.stats.hedge = "failed"  # started, and neither request produced a token
+        if self.stats.hedge is HedgeState.STARTED:
+            self.stats.hedge = HedgeState.FAILED  # started, and neither request produced a token
         winner = self._winner
         if winner is not None:
             if winner.error is not None:
@@ -434,8 +434,8 @@ class StreamRelay(ResponseBody):
             stats.deployment = producer.opened.deployment.name
         if self._observe_first_token is not None:
             self._observe_first_token(stats.first_token_at - stats.started_at)
-        if stats.hedge == "started":
-            stats.hedge = "won" if producer.is_hedge else "lost"
+        if stats.hedge is HedgeState.STARTED:
+            stats.hedge = HedgeState.WON if producer.is_hedge else HedgeState.LOST
         self._hedge_timer.cancel()
         for other in self._producers:
             if other is not producer:
