@@ -85,7 +85,7 @@ async def test_waiting_for_what_already_fits_returns_at_once() -> None:
 
 
 def test_drop_oldest_keeps_the_newest_whole_events_of_a_batch_that_fit() -> None:
-    from sluice.relay import _newest_events
+    from sluice.backpressure import newest_events as _newest_events
 
     batch = b"data: a\n\ndata: bb\n\ndata: ccc\n\n"
     assert _newest_events(batch, len(batch)) == batch

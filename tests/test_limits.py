@@ -66,7 +66,9 @@ async def test_concurrent_streams_over_the_limit_get_429_until_one_ends(
         await raw.close_fin()  # the stream ends: its slot comes back
         await wait_until(lambda: gateway.state.metrics.active_streams == 0)
         _, sse = await stream_chat(http, chat_body("sim:tokens=2"))
+        metrics = (await http.get("/metrics")).text
     assert sse.ended_with_done
+    assert 'sluice_rate_limited_total{limit="streams"} 1.0' in metrics  # the limit that refused, by name
 
 
 async def test_tokens_per_minute_count_what_streams_used(start_gateway: GatewayFactory, team_key: str) -> None:
@@ -75,8 +77,10 @@ async def test_tokens_per_minute_count_what_streams_used(start_gateway: GatewayF
         _, first = await stream_chat(http, chat_body("sim:tokens=6"))
         second = await http.post("/v1/chat/completions", json=chat_body("sim:tokens=6", stream=False))
         refused = await http.post("/v1/chat/completions", json=chat_body("sim:tokens=1"))
+        metrics = (await http.get("/metrics")).text
     assert first.ended_with_done and second.status_code == 200  # 6, then 12 >= 10
     assert refused.status_code == 429 and "10 tokens per minute" in refused.json()["error"]["message"]
+    assert 'sluice_rate_limited_total{limit="tokens"} 1.0' in metrics
 
 
 async def test_an_unknown_key_is_401_when_keys_are_configured(start_gateway: GatewayFactory, team_key: str) -> None:

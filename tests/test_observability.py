@@ -66,6 +66,25 @@ async def test_metrics_count_requests_tokens_latency_disconnects_and_drops(gatew
         assert f"# TYPE {name}_total counter" in response.text  # declared, even at zero
 
 
+async def test_a_stream_that_breaks_mid_way_is_counted_by_its_error_code(gateway: Gateway) -> None:
+    """The figures say ``error:<code>``; /metrics counts the code itself, and the outcome once."""
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        _, broken = await stream_chat(http, chat_body("sim:tokens=50,fault=reset,after=5"))
+        _, relayed = await stream_chat(http, chat_body("sim:tokens=10,fault=error_event,after=4"))
+        _, done = await stream_chat(http, chat_body("sim:tokens=3"))
+        got = samples((await http.get("/metrics")).text)
+    assert broken.figures["outcome"] == "error:stream_interrupted" and broken.figures["hedge"] == "none"
+    assert relayed.figures["outcome"] == "error:upstream_error_event"
+    assert done.figures["outcome"] == "done"
+    assert got[("sluice_upstream_errors_total", (("code", "stream_interrupted"),))] == 1
+    assert got[("sluice_upstream_errors_total", (("code", "upstream_error_event"),))] == 1
+    assert gateway.state.metrics.snapshot()["outcomes"] == {
+        "error:stream_interrupted": 1,
+        "error:upstream_error_event": 1,
+        "done": 1,
+    }
+
+
 async def test_every_response_carries_a_request_id_and_the_client_s_is_kept(gateway: Gateway) -> None:
     async with httpx2.AsyncClient(base_url=gateway.url) as http:
         mine = await http.post("/v1/chat/completions", json=chat_body(stream=False), headers={"x-request-id": "req-42"})

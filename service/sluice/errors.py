@@ -12,6 +12,12 @@ its messages from its own text and the upstream's status, never from the
 request it sent upstream; where a message or body quotes the upstream's own
 words, the app scrubs every configured secret from it on the way out
 (:mod:`sluice.redaction`).
+
+Every attribute an error carries is declared on its class and set by its
+constructor (nothing is attached after the fact): :class:`UpstreamError`,
+the base of every error the upstream caused, has ``upstream_status`` (what
+the provider answered, for metrics, when it answered at all);
+:class:`RateLimited` has ``limit`` (which of the key's limits refused).
 """
 
 from __future__ import annotations
@@ -104,23 +110,54 @@ class PayloadTooLarge(SluiceError):
 
 
 class RateLimited(SluiceError):
+    """A virtual key is over one of its limits."""
+
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    #: the limit that refused: ``requests``, ``tokens`` or ``streams`` (a metrics label)
+    limit: str = "requests"
+
+    def __init__(self, message: str, *, limit: str = "requests", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.limit = limit
 
 
-# --- the upstream's or the gateway's fault ------------------------------------
+# --- the upstream's fault -------------------------------------------------------
 
 
-class UpstreamStatusError(SluiceError):
+class UpstreamError(SluiceError):
+    """Base of every error the upstream caused: unreachable, late, refused, broken, or a non-2xx.
+
+    The router moves a request that failed this way to another deployment
+    (except for the statuses that say the request itself is wrong).
+    """
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    #: the status the upstream answered with, when it answered (``None``: no answer, or a broken stream)
+    upstream_status: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.upstream_status = upstream_status
+
+
+class UpstreamStatusError(UpstreamError):
     """The upstream answered with a non-2xx status; relayed with that status.
 
     ``body`` is the upstream's own error body when it was OpenAI-shaped JSON,
     so a client sees exactly what the provider said.
     """
-
-    type = "upstream_error"
-    code = "upstream_error"
 
     def __init__(
         self,
@@ -128,10 +165,12 @@ class UpstreamStatusError(SluiceError):
         message: str,
         *,
         body: dict[str, Any] | None = None,
+        upstream_status: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message, headers=headers)
-        self.status = status  # type: ignore[misc]
+        super().__init__(message, upstream_status=upstream_status, headers=headers)
+        self.status = status  # type: ignore[misc]  # per-instance override of the class default
+        #: the upstream's OpenAI-shaped error body, relayed as it is
         self.body = body
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,40 +179,36 @@ class UpstreamStatusError(SluiceError):
         return super().to_dict()
 
 
-class UpstreamAuthFailed(SluiceError):
+class UpstreamAuthFailed(UpstreamError):
     """The upstream refused the gateway's own credentials (its 401/403): the operator's problem.
 
     Never relayed as a 401: the client's SDK would report the *client's* key
     as invalid. The upstream's body (which may quote the key) is not relayed.
     """
 
-    status = 502
-    type = "upstream_error"
     code = "upstream_auth_failed"
 
 
-class UpstreamUnavailable(SluiceError):
+class UpstreamUnavailable(UpstreamError):
     """Could not reach the upstream, or it broke before answering (502)."""
 
-    status = 502
-    type = "upstream_error"
     code = "upstream_unavailable"
 
 
-class UpstreamTimeout(SluiceError):
+class UpstreamTimeout(UpstreamError):
     """The upstream did not answer in time (504)."""
 
     status = 504
-    type = "upstream_error"
     code = "upstream_timeout"
 
 
-class StreamInterrupted(SluiceError):
+class StreamInterrupted(UpstreamError):
     """A stream that had started could not finish; sent as the final event."""
 
-    status = 502
-    type = "upstream_error"
     code = "stream_interrupted"
+
+
+# --- the gateway's own limits ---------------------------------------------------
 
 
 class BackpressureOverflow(SluiceError):

@@ -101,12 +101,11 @@ def refusal(key: VirtualKey, limit: str, retry_after: int) -> RateLimited:
         "tokens": f"{key.tokens_per_minute} tokens per minute",
         "streams": f"{key.max_concurrent_streams} concurrent streams",
     }[limit]
-    error = RateLimited(
+    return RateLimited(
         f"Rate limit reached for key '{key.name}': {what}. Retry after {retry_after} s.",
+        limit=limit,
         headers={"retry-after": str(retry_after)},
     )
-    error.limit = limit  # type: ignore[attr-defined]
-    return error
 
 
 class LimitStore(Protocol):

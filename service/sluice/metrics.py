@@ -5,10 +5,17 @@ relay updates plain attributes per *batch*, never per token, and computes
 derived figures (time to first token, tokens/s) once, when the stream ends.
 :class:`GatewayMetrics` folds finished streams into totals and keeps the
 live count; ``GET /metrics/backpressure`` serves :meth:`GatewayMetrics.snapshot`.
+
+How a stream ended and what its hedge did are enums (:class:`Outcome`,
+:class:`HedgeState`), never strings parsed back; they render to the wire
+strings of the figures comment and the log line (``"done"``,
+``"error:<code>"``, ``"client_disconnect"``; ``"won"``...) only in
+:meth:`StreamStats.figures` and the aggregate's counters.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +25,26 @@ import trio
 
 if TYPE_CHECKING:
     from .prometheus import PrometheusMetrics
+
+
+class Outcome(enum.Enum):
+    """How a stream (or a non-streamed request) ended; ``ERROR`` comes with :attr:`StreamStats.error_code`."""
+
+    RUNNING = "running"
+    DONE = "done"
+    CLIENT_DISCONNECT = "client_disconnect"
+    ERROR = "error"
+
+
+class HedgeState(enum.Enum):
+    """What the stream's hedge did: ``WON`` (the hedge served the stream), ``LOST`` (the first request did)."""
+
+    NONE = "none"
+    STARTED = "started"
+    WON = "won"
+    LOST = "lost"
+    #: the hedge could not open, or neither request produced a token
+    FAILED = "failed"
 
 
 @dataclass(slots=True)
@@ -32,8 +59,9 @@ class StreamStats:
     first_token_at: float | None = None
     ended_at: float | None = None
     status: int = 200
-    #: ``done``, ``error:<code>``, ``client_disconnect``
-    outcome: str = "running"
+    outcome: Outcome = Outcome.RUNNING
+    #: the client-visible error's code when :attr:`outcome` is ``ERROR``
+    error_code: str | None = None
     upstream_attempts: int = 0
     chunks: int = 0
     tokens: int = 0
@@ -50,10 +78,21 @@ class StreamStats:
     pings: int = 0
     #: the deployment that served the stream (the hedge's, when it won)
     deployment: str | None = None
-    #: ``none``, ``won`` (the hedge served the stream), ``lost`` (the first request did), ``failed``
-    hedge: str = "none"
+    hedge: HedgeState = HedgeState.NONE
     #: the stream's producer ran (its upstream request opened)
     streamed: bool = False
+
+    def end_with_error(self, code: str | None) -> None:
+        """The stream ended with the client-visible error ``code``."""
+        self.outcome = Outcome.ERROR
+        self.error_code = code
+
+    @property
+    def outcome_label(self) -> str:
+        """The outcome as the figures and the log line spell it: ``done``, ``error:<code>``, ``client_disconnect``."""
+        if self.outcome is Outcome.ERROR:
+            return f"error:{self.error_code}"
+        return self.outcome.value
 
     @property
     def ttft_ms(self) -> float | None:
@@ -87,7 +126,7 @@ class StreamStats:
             "model": self.model,
             "stream": self.stream,
             "status": self.status,
-            "outcome": self.outcome,
+            "outcome": self.outcome_label,
             "policy": self.policy,
             "attempts": self.upstream_attempts,
             "ttft_ms": None if ttft is None else round(ttft, 3),
@@ -102,7 +141,7 @@ class StreamStats:
             "dropped": self.dropped,
             "coalesced": self.coalesced,
             "deployment": self.deployment,
-            "hedge": self.hedge,
+            "hedge": self.hedge.value,
         }
 
     def comment_text(self) -> str:
@@ -136,9 +175,9 @@ class GatewayMetrics:
         if self.prometheus is not None:
             self.prometheus.streams_active.dec()
             self.prometheus.stream_finished(stats)
-        self.outcomes[stats.outcome] += 1
-        if stats.hedge != "none":
-            self.hedges[stats.hedge] += 1
+        self.outcomes[stats.outcome_label] += 1
+        if stats.hedge is not HedgeState.NONE:
+            self.hedges[stats.hedge.value] += 1
         policy = self.by_policy.setdefault(stats.policy, Counter())
         policy["streams"] += 1
         policy["dropped"] += stats.dropped

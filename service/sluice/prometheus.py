@@ -32,7 +32,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .metrics import StreamStats
+from .metrics import HedgeState, Outcome, StreamStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -151,17 +151,19 @@ class PrometheusMetrics:
         if stats.upstream_attempts > 1:
             self.retries.inc(stats.upstream_attempts - 1)
         outcome = stats.outcome
-        if outcome == "client_disconnect":
+        if outcome is Outcome.CLIENT_DISCONNECT:
             self.disconnects.inc()
-        elif stats.streamed and outcome[len("error:") :] in _MID_STREAM_UPSTREAM_FAILURES:
+        elif outcome is Outcome.ERROR and stats.streamed:
             # Failures before the stream opened are counted per attempt by the upstream client.
-            self.upstream_failed(outcome[len("error:") :])
+            code = stats.error_code
+            if code is not None and code in _MID_STREAM_UPSTREAM_FAILURES:
+                self.upstream_failed(code)
         if stats.dropped:
             self.dropped.inc(stats.dropped)
         if stats.coalesced:
             self.coalesced.inc(stats.coalesced)
-        if stats.hedge != "none":
-            self.hedges.labels(stats.hedge).inc()
+        if stats.hedge is not HedgeState.NONE:
+            self.hedges.labels(stats.hedge.value).inc()
         if stats.peak_queue > self._peak:
             self._peak = stats.peak_queue
             self.channel_peak.set(stats.peak_queue)

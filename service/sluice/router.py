@@ -154,12 +154,15 @@ class RouterEvents:
 
 
 def fails_over(error: errors.SluiceError) -> bool:
-    """Would another deployment plausibly succeed where this one failed?"""
+    """Would another deployment plausibly succeed where this one failed?
+
+    Yes for any failure of the upstream's making (unreachable, late, its
+    own key refused: another deployment has another key), except a status
+    that says the client's request itself is wrong.
+    """
     if isinstance(error, errors.UpstreamStatusError):
         return error.status in (404, 408, 429) or error.status >= 500
-    # UpstreamAuthFailed: the deployment's own key was refused (its 401/403);
-    # another deployment has another key.
-    return isinstance(error, (errors.UpstreamUnavailable, errors.UpstreamTimeout, errors.UpstreamAuthFailed))
+    return isinstance(error, errors.UpstreamError)
 
 
 class Router:

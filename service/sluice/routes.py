@@ -34,7 +34,7 @@ import trio
 from quart import Blueprint, Response, current_app, g, request
 
 from . import errors
-from .metrics import GatewayMetrics, StreamStats
+from .metrics import GatewayMetrics, Outcome, StreamStats
 from .policies import BACKPRESSURE_HEADER, choose_backpressure
 from .redaction import Scrubber
 from .relay import StreamRelay
@@ -223,7 +223,7 @@ async def _admit(state: GatewayState, parsed: ParsedRequest, policy: str, api_na
         try:
             lease = await state.limits.admit(key)
         except errors.RateLimited as refused:
-            state.prometheus.rate_limited.labels(getattr(refused, "limit", "requests")).inc()
+            state.prometheus.rate_limited.labels(refused.limit).inc()
             raise
         exchange().admitted = (key, lease)
     stats = StreamStats(request_id=g.request_id, model=parsed.model_name, policy=policy, stream=parsed.stream, api=api_name)
@@ -250,13 +250,14 @@ async def _complete(
         if deadline.cancelled_caught:
             raise errors.UpstreamTimeout(f"The upstream did not complete within {timeout:g} s.")
     except errors.SluiceError as exc:
-        stats.status, stats.outcome = exc.status, f"error:{exc.code}"
+        stats.status = exc.status
+        stats.end_with_error(exc.code)
         raise
     except BaseException:
-        stats.outcome = "client_disconnect"
+        stats.outcome = Outcome.CLIENT_DISCONNECT
         raise
     else:
-        stats.outcome = "done"
+        stats.outcome = Outcome.DONE
         stats.first_token_at = trio.current_time()
         stats.deployment = deployment.name
         stats.usage_completion_tokens, stats.usage_input_tokens = _usage(upstream_response.content)

@@ -44,7 +44,14 @@ from typing import Any
 import httpx2
 import trio
 
-from .errors import SluiceError, UpstreamAuthFailed, UpstreamStatusError, UpstreamTimeout, UpstreamUnavailable
+from .errors import (
+    SluiceError,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .policies import RETRIABLE_STATUSES, RetriableUpstreamError, RetryPolicy, parse_retry_after
 
 #: error bodies larger than this are cut; an error message is never megabytes
@@ -208,13 +215,12 @@ class UpstreamClient:
         raise _status_failure(response)
 
 
-class _Relayed(SluiceError):
+class _Relayed(UpstreamError):
     """A forwarded request's retriable answer, returned as it is once retries are spent."""
 
     def __init__(self, response: httpx2.Response) -> None:
-        super().__init__(f"The upstream answered {response.status_code}.")
+        super().__init__(f"The upstream answered {response.status_code}.", upstream_status=response.status_code)
         self.response = response
-        self.upstream_status = response.status_code
 
 
 def upstream_receive_buffer(requested: int, tcp_rmem: str = "/proc/sys/net/ipv4/tcp_rmem") -> int:
@@ -247,10 +253,11 @@ async def _send(client: httpx2.AsyncClient, request: httpx2.Request, *, stream: 
 def failure_code(exc: BaseException) -> str:
     """A short label for a failed attempt: ``http_<upstream status>`` or the error's code."""
     cause = exc.cause if isinstance(exc, RetriableUpstreamError) else exc
-    upstream_status = getattr(cause, "upstream_status", None)
-    if upstream_status is not None:
-        return f"http_{upstream_status}"
-    return getattr(cause, "code", None) or type(cause).__name__
+    if isinstance(cause, UpstreamError) and cause.upstream_status is not None:
+        return f"http_{cause.upstream_status}"
+    if isinstance(cause, SluiceError) and cause.code:
+        return cause.code
+    return type(cause).__name__
 
 
 def _small(response: httpx2.Response) -> bool:
@@ -273,17 +280,20 @@ def _status_failure(response: httpx2.Response) -> Exception:
     for name in ("retry-after", "retry-after-ms"):
         if name in response.headers:
             headers[name] = response.headers[name]
-    error: SluiceError
+    error: UpstreamError
     if status in (401, 403):
         # The operator's key, not the client's: say so without the provider's
         # body (it may quote the key, and it names "your API key").
         error = UpstreamAuthFailed(
             f"The gateway's credentials for the upstream were refused (upstream status {status}).",
+            upstream_status=status,
             headers=headers,
         )
     elif status < 500:
         # The client's problem as the provider described it: relayed as it is.
-        error = UpstreamStatusError(status, f"The upstream answered {status}.", body=body, headers=headers)
+        error = UpstreamStatusError(
+            status, f"The upstream answered {status}.", body=body, upstream_status=status, headers=headers
+        )
     else:
         # The provider failed: the gateway answers 502 (504 for a gateway timeout
         # upstream) in its own words, naming what the provider said.
@@ -292,9 +302,9 @@ def _status_failure(response: httpx2.Response) -> Exception:
         error = UpstreamStatusError(
             504 if status == 504 else 502,
             f"{message}: {said}" if said else f"{message}.",
+            upstream_status=status,  # for metrics: what the provider said
             headers=headers,
         )
-    error.upstream_status = status  # type: ignore[attr-defined]  # for metrics: what the provider said
     if status in RETRIABLE_STATUSES:
         return RetriableUpstreamError(error, retry_after=retry_after)
     return error
