@@ -1,4 +1,4 @@
-"""Request validation and delta coalescing, without sockets."""
+"""Chat request validation (wire/chat.parse_chat over wire/openai's checks) and delta coalescing, without sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from sluice.errors import InvalidJSON, InvalidRequest
-from sluice.wire.openai import coalesce_events, parse_chat_request
+from sluice.wire.chat import parse_chat
+from sluice.wire.openai import coalesce_events
 
 
 def body(**fields: object) -> bytes:
@@ -18,17 +19,17 @@ def body(**fields: object) -> bytes:
 
 def test_valid_request_is_forwarded_byte_for_byte() -> None:
     raw = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}],"temperature":1.0}'
-    parsed = parse_chat_request(raw)
-    assert parsed.upstream_body is raw
+    parsed = parse_chat(raw)
+    assert parsed.body_for_model(None) is raw
     assert not parsed.stream
 
 
 def test_backpressure_field_is_stripped_before_forwarding() -> None:
-    parsed = parse_chat_request(body(stream=True, backpressure_strategy="coalesce", response_format={"type": "text"}))
-    forwarded = json.loads(parsed.upstream_body)
+    parsed = parse_chat(body(stream=True, backpressure_strategy="coalesce", response_format={"type": "text"}))
+    forwarded = json.loads(parsed.body_for_model(None))
     assert "backpressure_strategy" not in forwarded
     assert forwarded["response_format"] == {"type": "text"}
-    assert parsed.model.backpressure_strategy == "coalesce"
+    assert parsed.backpressure_strategy == "coalesce"
 
 
 @pytest.mark.parametrize(
@@ -53,7 +54,7 @@ def test_backpressure_field_is_stripped_before_forwarding() -> None:
 )
 def test_invalid_fields_name_their_param(fields: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        parse_chat_request(body(**fields))
+        parse_chat(body(**fields))
     assert caught.value.param == param
     assert caught.value.status == 400
     shape = caught.value.to_dict()["error"]
@@ -63,17 +64,17 @@ def test_invalid_fields_name_their_param(fields: dict[str, object], param: str) 
 @pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000])
 def test_unparseable_bodies_are_400(raw: bytes) -> None:
     with pytest.raises(InvalidRequest):
-        parse_chat_request(raw)
+        parse_chat(raw)
 
 
 def test_non_object_body_is_400() -> None:
     with pytest.raises(InvalidRequest):
-        parse_chat_request(b"[1, 2]")
+        parse_chat(b"[1, 2]")
 
 
 def test_invalid_json_has_its_own_code() -> None:
     with pytest.raises(InvalidJSON) as caught:
-        parse_chat_request(b"{oops")
+        parse_chat(b"{oops")
     assert caught.value.code == "invalid_json"
 
 
@@ -135,19 +136,19 @@ def test_coalescing_passes_unknown_events_through() -> None:
 )
 def test_duplicate_keys_are_refused_naming_where(raw: bytes, param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        parse_chat_request(raw)
+        parse_chat(raw)
     assert caught.value.param == param
     assert caught.value.code == "duplicate_key"
 
 
 def test_the_same_key_in_different_objects_is_fine() -> None:
     raw = b'{"model":"a","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}]}'
-    assert parse_chat_request(raw).upstream_body is raw
+    assert parse_chat(raw).body_for_model(None) is raw
 
 
 def test_a_model_name_over_the_limit_is_refused_without_echoing_it() -> None:
     with pytest.raises(InvalidRequest) as caught:
-        parse_chat_request(body(model="m" * 257), max_model_name_length=256)
+        parse_chat(body(model="m" * 257), max_model_name_length=256)
     assert caught.value.param == "model"
     assert "m" * 257 not in caught.value.message
-    assert parse_chat_request(body(model="m" * 256), max_model_name_length=256).model.model == "m" * 256
+    assert parse_chat(body(model="m" * 256), max_model_name_length=256).model_name == "m" * 256

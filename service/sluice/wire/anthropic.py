@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SluiceError, UpstreamStatusError
 from .named_events import NamedEventFramer, coalesce_runs, int_or_none
-from .openai import BackpressureName, check_model_name_length, load_json_object, validate_body
+from .openai import BackpressureName, load_validated
 from .request import ForwardedRequest
 
 __all__ = [
@@ -160,9 +160,7 @@ def _dump(obj: dict[str, Any]) -> bytes:
 
 def parse_messages_request(raw: bytes, *, max_model_name_length: int | None = None) -> ForwardedRequest:
     """Validate a Messages body; raise :class:`~sluice.errors.InvalidRequest` (shape it with ``error_body``)."""
-    body = load_json_object(raw)
-    validated = validate_body(MessagesRequest, body)
-    check_model_name_length(validated.model, max_model_name_length)
+    body, validated = load_validated(raw, MessagesRequest, max_model_name_length)
     return ForwardedRequest(
         raw=raw,
         body=body,
@@ -176,9 +174,7 @@ def parse_messages_request(raw: bytes, *, max_model_name_length: int | None = No
 
 def parse_count_tokens_request(raw: bytes, *, max_model_name_length: int | None = None) -> ForwardedRequest:
     """Validate a ``count_tokens`` body (never streamed; upstream path ``/messages/count_tokens``)."""
-    body = load_json_object(raw)
-    validated = validate_body(CountTokensRequest, body)
-    check_model_name_length(validated.model, max_model_name_length)
+    body, validated = load_validated(raw, CountTokensRequest, max_model_name_length)
     return ForwardedRequest(
         raw=raw,
         body=body,

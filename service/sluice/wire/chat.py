@@ -37,17 +37,15 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InvalidRequest, SluiceError
+from ..errors import SluiceError
 from .grammar import Usage
 from .openai import (
     BackpressureName,
     ChatCompletionRequest,
     StreamOptions,
-    check_model_name_length,
+    check_stream_options,
     coalesce_events,
-    load_json_object,
-    parse_chat_request,
-    validate_body,
+    load_validated,
 )
 from .request import ForwardedRequest, dump_json
 from .sse import DEFAULT_MAX_EVENT_SIZE, DONE_EVENT, EventFramer, data_event
@@ -234,15 +232,15 @@ def _asks_usage(options: StreamOptions | None) -> bool:
 
 
 def parse_chat(raw: bytes, *, max_model_name_length: int | None = None) -> ChatRequest:
-    """Validate a chat-completions body (:func:`~sluice.wire.openai.parse_chat_request`'s checks)."""
-    parsed = parse_chat_request(raw, max_model_name_length=max_model_name_length)
-    validated: ChatCompletionRequest = parsed.model
+    """Validate a chat-completions body: JSON without repeated keys, the fields the gateway depends on, model length."""
+    body, validated = load_validated(raw, ChatCompletionRequest, max_model_name_length)
+    check_stream_options(validated.stream, validated.stream_options)
     stream = bool(validated.stream)
     return ChatRequest(
         adds_usage=stream and not _asks_usage(validated.stream_options),
         framer_type=ChatFramer,
         raw=raw,
-        body=parsed.body,
+        body=body,
         validated=validated,
         model_name=validated.model,
         stream=stream,
@@ -267,15 +265,8 @@ class CompletionRequest(BaseModel):
 
 def parse_completions(raw: bytes, *, max_model_name_length: int | None = None) -> ChatRequest:
     """Validate a legacy completions body (same JSON checks as chat: duplicate keys, model length)."""
-    body = load_json_object(raw)
-    validated = validate_body(CompletionRequest, body)
-    check_model_name_length(validated.model, max_model_name_length)
-    if validated.stream_options is not None and not validated.stream:
-        raise InvalidRequest(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            param="stream_options",
-            code="invalid_value",
-        )
+    body, validated = load_validated(raw, CompletionRequest, max_model_name_length)
+    check_stream_options(validated.stream, validated.stream_options)
     return ChatRequest(
         adds_usage=False,
         framer_type=CompletionsFramer,

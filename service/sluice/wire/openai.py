@@ -10,7 +10,7 @@ Because the client's bytes are forwarded, the gateway must read them the way
 every upstream does. A JSON object with the same key twice has no single
 meaning (Python keeps the last, other parsers the first), so the gateway
 would validate and route on one value while the upstream serves another:
-:func:`parse_chat_request` refuses duplicate keys at any depth (``messages[i]``
+:func:`load_json_object`, where every API's parser starts, refuses duplicate keys at any depth (``messages[i]``
 and ``stream_options`` steer the upstream as much as the top level does).
 
 :func:`coalesce_events` is the ``coalesce`` backpressure policy's data
@@ -61,34 +61,6 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     backpressure_strategy: BackpressureName | None = None
-
-
-class ParsedRequest:
-    """A validated request and the exact bytes to forward upstream."""
-
-    __slots__ = ("model", "body", "upstream_body")
-
-    def __init__(self, model: ChatCompletionRequest, body: dict[str, Any], upstream_body: bytes) -> None:
-        self.model = model
-        self.body = body
-        self.upstream_body = upstream_body
-
-    @property
-    def stream(self) -> bool:
-        return bool(self.model.stream)
-
-    def body_for_model(self, upstream_model: str | None) -> bytes:
-        """The bytes to send a deployment that knows the model as ``upstream_model``.
-
-        The client's own bytes when the name is unchanged; re-serialised only
-        when a deployment's provider uses another name (once per attempt,
-        never per token).
-        """
-        if upstream_model is None or upstream_model == self.model.model:
-            return self.upstream_body
-        forwarded = {k: v for k, v in self.body.items() if k != BACKPRESSURE_FIELD}
-        forwarded["model"] = upstream_model
-        return json.dumps(forwarded, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class _DuplicateKey(Exception):
@@ -146,27 +118,27 @@ def _duplicate_key_error(raw: bytes) -> InvalidRequest:
     )
 
 
-def parse_chat_request(raw: bytes, *, max_model_name_length: int | None = None) -> ParsedRequest:
-    """Validate a chat-completions body; raise :class:`InvalidRequest` with ``param``.
+_Model = TypeVar("_Model", bound=BaseModel)
 
-    ``max_model_name_length`` bounds the ``model`` string: the name becomes a
-    metrics label, a log field and a routing key, and must not carry megabytes.
-    """
+
+def load_validated(
+    raw: bytes, model_type: type[_Model], max_model_name_length: int | None
+) -> tuple[dict[str, Any], _Model]:
+    """The body and its validated model: every API's parser starts here (JSON, duplicate keys, fields, model length)."""
     body = load_json_object(raw)
-    model = validate_body(ChatCompletionRequest, body)
-    check_model_name_length(model.model, max_model_name_length)
-    if model.stream_options is not None and not model.stream:
+    validated = validate_body(model_type, body)
+    check_model_name_length(validated.model, max_model_name_length)  # type: ignore[attr-defined]
+    return body, validated
+
+
+def check_stream_options(stream: bool | None, stream_options: object) -> None:
+    """``stream_options`` only with ``stream``, as OpenAI answers (chat and legacy completions)."""
+    if stream_options is not None and not stream:
         raise InvalidRequest(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             param="stream_options",
             code="invalid_value",
         )
-    if BACKPRESSURE_FIELD in body:
-        forwarded = {k: v for k, v in body.items() if k != BACKPRESSURE_FIELD}
-        upstream_body = json.dumps(forwarded, separators=(",", ":")).encode()
-    else:
-        upstream_body = raw
-    return ParsedRequest(model, body, upstream_body)
 
 
 def load_json_object(raw: bytes) -> dict[str, Any]:
@@ -185,9 +157,6 @@ def load_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return body
-
-
-_Model = TypeVar("_Model", bound=BaseModel)
 
 
 def validate_body(model_type: type[_Model], body: dict[str, Any]) -> _Model:

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SluiceError
 from .named_events import NamedEventFramer, coalesce_runs, int_or_none
-from .openai import BackpressureName, check_model_name_length, load_json_object, validate_body
+from .openai import BackpressureName, load_validated
 from .request import ForwardedRequest
 
 __all__ = [
@@ -139,9 +139,7 @@ def _leading_int(data: bytes, start: int) -> int | None:
 
 def parse_responses_request(raw: bytes, *, max_model_name_length: int | None = None) -> ForwardedRequest:
     """Validate a Responses body; raise :class:`~sluice.errors.InvalidRequest` (OpenAI's shape)."""
-    body = load_json_object(raw)
-    validated = validate_body(ResponsesRequest, body)
-    check_model_name_length(validated.model, max_model_name_length)
+    body, validated = load_validated(raw, ResponsesRequest, max_model_name_length)
     return ForwardedRequest(
         raw=raw,
         body=body,
