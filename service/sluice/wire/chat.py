@@ -44,8 +44,10 @@ from .openai import (
     ChatCompletionRequest,
     StreamOptions,
     check_stream_options,
+    coalesce_choices,
     coalesce_events,
     load_validated,
+    single_choice_chunk,
 )
 from .request import ForwardedRequest, dump_json
 from .sse import DEFAULT_MAX_EVENT_SIZE, DONE_EVENT, EventFramer, data_event
@@ -285,64 +287,32 @@ def parse_completions(raw: bytes, *, max_model_name_length: int | None = None) -
 def coalesce_completions(payload: bytes) -> tuple[bytes, int]:
     """Merge consecutive text chunks per choice; return (events, events merged away).
 
-    The completions twin of :func:`~sluice.wire.openai.coalesce_events`: a
-    run of plain text chunks (one choice with only ``index``/``text``, no
-    ``finish_reason``, no ``logprobs``, no usage) collapses into one chunk
-    per choice index, keeping the first chunk's metadata; anything else is a
-    barrier kept as is, so each choice's text is unchanged and in order.
+    The completions twin of :func:`~sluice.wire.openai.coalesce_events` (the
+    same :func:`~sluice.wire.openai.coalesce_choices`): a run of plain text
+    chunks (one choice with only ``index``/``text``, no ``finish_reason``, no
+    ``logprobs``, no usage) collapses into one chunk per choice index,
+    keeping the first chunk's metadata; anything else is a barrier kept as
+    is, so each choice's text is unchanged and in order.
     """
-    events = payload.split(b"\n\n")
-    events.pop()
-    out: list[bytes] = []
-    run: dict[int, tuple[dict[str, Any], bytes, int]] = {}
-    merged = 0
-
-    def flush() -> None:
-        for chunk, raw, count in run.values():
-            out.append(raw if count == 0 else b"data: " + dump_json(chunk) + b"\n\n")
-        run.clear()
-
-    for event in events:
-        chunk = _mergeable_text_chunk(event)
-        if chunk is None:
-            flush()
-            out.append(event + b"\n\n")
-            continue
-        choice = chunk["choices"][0]
-        index = choice.get("index", 0)
-        held = run.get(index)
-        if held is None:
-            run[index] = (chunk, event + b"\n\n", 0)
-            continue
-        held[0]["choices"][0]["text"] += choice["text"]
-        run[index] = (held[0], held[1], held[2] + 1)
-        merged += 1
-    flush()
-    return b"".join(out), merged
+    return coalesce_choices(payload, _mergeable_text_chunk, _merge_text)
 
 
 def _mergeable_text_chunk(event: bytes) -> dict[str, Any] | None:
-    if not event.startswith(b"data:"):
+    found = single_choice_chunk(event)
+    if found is None:
         return None
-    try:
-        chunk = json.loads(event[5:])
-    except ValueError:
-        return None
-    if not isinstance(chunk, dict) or chunk.get("usage") is not None:
-        return None
-    choices = chunk.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-        return None
-    choice = choices[0]
+    chunk, choice = found
     if (
         not isinstance(choice.get("text"), str)
-        or choice.get("finish_reason") is not None
-        or choice.get("logprobs") is not None
         or not isinstance(choice.get("index", 0), int)
         or set(choice) - {"index", "text", "finish_reason", "logprobs"}
     ):
         return None
     return chunk
+
+
+def _merge_text(first: dict[str, Any], more: dict[str, Any]) -> None:
+    first["text"] += more["text"]
 
 
 # --- the grammars ---------------------------------------------------------------

@@ -21,6 +21,7 @@ leaves every event it does not fully understand untouched.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -223,37 +224,53 @@ def coalesce_events(payload: bytes) -> tuple[bytes, int]:
     choice. Cost: one ``json.loads`` per event, paid only while a ``coalesce``
     stream's channel is full.
     """
+    return coalesce_choices(payload, _mergeable_chunk, _merge_content)
+
+
+def coalesce_choices(
+    payload: bytes,
+    mergeable: Callable[[bytes], dict[str, Any] | None],
+    merge: Callable[[dict[str, Any], dict[str, Any]], None],
+) -> tuple[bytes, int]:
+    """Merge consecutive mergeable data-only chunks per choice index; return (events, events merged away).
+
+    ``mergeable`` parses a chunk of one choice, or gives ``None`` for a
+    barrier (flushes every run, then is kept as is); ``merge`` folds the next
+    choice of a run into the first. A run of one chunk is kept byte for byte.
+    Shared by chat (``delta.content``) and legacy completions (``text``).
+    """
     events = payload.split(b"\n\n")
     events.pop()
     out: list[bytes] = []
-    run: dict[int, dict[str, Any]] = {}
+    #: choice index -> [first chunk, its bytes, chunks merged into it]
+    run: dict[int, list[Any]] = {}
     merged = 0
 
     def flush() -> None:
-        for chunk in run.values():
-            out.append(b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n")
+        for chunk, raw, count in run.values():
+            out.append(raw if count == 0 else b"data: " + _dump(chunk) + b"\n\n")
         run.clear()
 
     for event in events:
-        chunk = _mergeable_chunk(event)
+        chunk = mergeable(event)
         if chunk is None:
             flush()
             out.append(event + b"\n\n")
             continue
         choice = chunk["choices"][0]
-        index = choice.get("index", 0)
-        held = run.get(index)
+        held = run.get(choice.get("index", 0))
         if held is None:
-            run[index] = chunk
+            run[choice.get("index", 0)] = [chunk, event + b"\n\n", 0]
             continue
-        delta = held["choices"][0]["delta"]
-        delta["content"] = (delta.get("content") or "") + (choice["delta"].get("content") or "")
+        merge(held[0]["choices"][0], choice)
+        held[2] += 1
         merged += 1
     flush()
     return b"".join(out), merged
 
 
-def _mergeable_chunk(event: bytes) -> dict[str, Any] | None:
+def single_choice_chunk(event: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A ``data:`` chunk with exactly one choice, not finished, no logprobs, no usage: (chunk, choice); else ``None``."""
     if not event.startswith(b"data:"):
         return None
     try:
@@ -266,14 +283,31 @@ def _mergeable_chunk(event: bytes) -> dict[str, Any] | None:
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         return None
     choice = choices[0]
+    if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
+        return None
+    return chunk, choice
+
+
+def _mergeable_chunk(event: bytes) -> dict[str, Any] | None:
+    found = single_choice_chunk(event)
+    if found is None:
+        return None
+    chunk, choice = found
     delta = choice.get("delta")
     if (
         not isinstance(delta, dict)
-        or choice.get("finish_reason") is not None
-        or choice.get("logprobs") is not None
         or not set(delta) <= _MERGEABLE_DELTA_KEYS
         or not isinstance(delta.get("content", ""), (str, type(None)))
         or set(choice) - {"index", "delta", "finish_reason", "logprobs"}
     ):
         return None
     return chunk
+
+
+def _merge_content(first: dict[str, Any], more: dict[str, Any]) -> None:
+    delta = first["delta"]
+    delta["content"] = (delta.get("content") or "") + (more["delta"].get("content") or "")
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
