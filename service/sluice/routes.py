@@ -125,12 +125,11 @@ async def relay_api(grammar: Grammar) -> Response:
     """Every streaming API's handler: parse, route, admit, then stream (or complete) through the relay."""
     state = _state()
     settings = state.settings
-    g.api = grammar.name
     raw = await request.get_data(cache=False)
     parsed = grammar.parse_request(raw, max_model_name_length=settings.max_model_name_length)  # type: ignore[arg-type]
     g.model = parsed.model_name
     policy = choose_backpressure(
-        request.headers.get(BACKPRESSURE_HEADER), getattr(parsed, "backpressure_strategy", None), settings.backpressure
+        request.headers.get(BACKPRESSURE_HEADER), parsed.backpressure_strategy, settings.backpressure
     )
     router = state.router
     assert router is not None
@@ -161,7 +160,7 @@ async def relay_api(grammar: Grammar) -> Response:
 
     relay = StreamRelay(
         grammar=grammar,
-        new_framer=getattr(parsed, "new_framer", None),
+        new_framer=parsed.new_framer,
         open_upstream=open_upstream,
         open_retry=open_retry,
         stats=stats,
