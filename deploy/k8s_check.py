@@ -18,9 +18,7 @@ its tools venv). Each assertion names a promise docs/deployment.md makes:
 
 from __future__ import annotations
 
-import re
 import sys
-import tomllib
 from pathlib import Path
 
 import yaml
@@ -67,11 +65,8 @@ def main(default_path: str, single_node_path: str) -> None:
     assert ("ConfigMap", config_volume["configMap"]["name"]) in full, "the mounted ConfigMap is not the generated one"
     assert env["SLUICE_REDIS_URL"].startswith("redis://sluice-redis:") and ("Service", "sluice-redis") in full
 
-    config = tomllib.loads(full["ConfigMap", config_volume["configMap"]["name"]]["data"]["sluice.toml"])
-    pod_limit = config.get("max_streams", 1024) * int(env.get("SLUICE_WORKERS") or 1)
-    [alert_limit] = re.findall(r"sluice_streams_active\) > 0\.9 \* (\d+)", ALERTS.read_text())
-    assert int(alert_limit) == pod_limit, f"SluiceStreamsNearLimit assumes {alert_limit} streams, a pod allows {pod_limit}"
-
+    # The streams alert compares with the limit the gateway exports, not a constant to keep in step.
+    assert "sluice_max_streams" in ALERTS.read_text(), "SluiceStreamsNearLimit no longer reads sluice_max_streams"
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

@@ -50,7 +50,7 @@ async def test_requests_per_minute_over_the_limit_get_429_with_retry_after(
         "param": None,
         "code": "rate_limit_exceeded",
     }
-    assert 'sluice_rate_limited_total{limit="requests"} 1.0' in metrics
+    assert 'sluice_rate_limited_total{key="team",limit="requests"} 1.0' in metrics
     assert 'sluice_requests_total{api="chat",model="sim:tokens=1",status="429"} 1.0' in metrics
 
 
@@ -68,7 +68,7 @@ async def test_concurrent_streams_over_the_limit_get_429_until_one_ends(
         _, sse = await stream_chat(http, chat_body("sim:tokens=2"))
         metrics = (await http.get("/metrics")).text
     assert sse.ended_with_done
-    assert 'sluice_rate_limited_total{limit="streams"} 1.0' in metrics  # the limit that refused, by name
+    assert 'sluice_rate_limited_total{key="team",limit="streams"} 1.0' in metrics  # the limit that refused and the key, by name
 
 
 async def test_tokens_per_minute_count_what_streams_used(start_gateway: GatewayFactory, team_key: str) -> None:
@@ -80,7 +80,7 @@ async def test_tokens_per_minute_count_what_streams_used(start_gateway: GatewayF
         metrics = (await http.get("/metrics")).text
     assert first.ended_with_done and second.status_code == 200  # 6, then 12 >= 10
     assert refused.status_code == 429 and "10 tokens per minute" in refused.json()["error"]["message"]
-    assert 'sluice_rate_limited_total{limit="tokens"} 1.0' in metrics
+    assert 'sluice_rate_limited_total{key="team",limit="tokens"} 1.0' in metrics
 
 
 async def test_an_unknown_key_is_401_when_keys_are_configured(start_gateway: GatewayFactory, team_key: str) -> None:

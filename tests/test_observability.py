@@ -62,7 +62,10 @@ async def test_metrics_count_requests_tokens_latency_disconnects_and_drops(gatew
     assert got[("sluice_relay_buffered_bytes", ())] == 0  # given back when the stream ended
     assert got[("sluice_memory_budget_bytes", ())] == gateway.settings.memory_budget
     assert got[("sluice_memory_budget_refusals_total", ())] == 0
-    for name in ("sluice_hedges", "sluice_fallbacks", "sluice_rate_limited", "sluice_deployment_cooldowns"):
+    assert got[("sluice_max_streams", ())] == gateway.settings.max_streams
+    # the stalled client held its producer back until it left
+    assert got[("sluice_producer_blocked_seconds_total", ())] > 0
+    for name in ("sluice_hedges", "sluice_fallbacks", "sluice_rate_limited", "sluice_deployment_cooldowns", "sluice_deployment_failures"):
         assert f"# TYPE {name}_total counter" in response.text  # declared, even at zero
 
 

@@ -119,6 +119,7 @@ async def test_a_failing_deployment_falls_over_to_the_next(
     assert failing.stats.requests_started == 1 and healthy.stats.requests_completed == 1
     assert 'sluice_fallbacks_total{deployment="healthy"} 1.0' in metrics
     assert 'sluice_upstream_errors_total{code="http_503"} 1.0' in metrics
+    assert 'sluice_deployment_failures_total{code="http_503",deployment="failing"} 1.0' in metrics
 
 
 async def test_client_errors_do_not_fall_over(start_gateway: GatewayFactory, start_simulator: SimulatorFactory) -> None:

@@ -57,6 +57,7 @@ from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
 from .routes import EXCHANGE_SCOPE_KEY, STREAMING_APIS, Exchange, api, grammar_for_path
 from .simulator import Simulator, SimulatorLimits
+from .upstream import failure_code
 
 log = logging.getLogger("sluice")
 
@@ -93,6 +94,7 @@ class GatewayState:
         self.metrics = GatewayMetrics(self.prometheus)
         self.memory = MemoryBudget(self.settings.memory_budget)
         self.prometheus.memory_budget.set(self.memory.limit)
+        self.prometheus.max_streams.set(self.settings.max_streams)
         self.keys = KeyTable(self.settings)
 
     async def drain(self, timeout: float, cut_short: trio.Event | None = None) -> None:
@@ -210,6 +212,7 @@ def create_app(settings: Settings) -> SluiceApp:
         shared_cooldowns: Any = None
 
         def deployment_failed(deployment: Deployment, error: errors.SluiceError) -> None:
+            prometheus.deployment_failed(deployment.name, failure_code(error))
             log.warning({"event": "deployment_failed", "deployment": deployment.name, "code": error.code, "status": error.status})
 
         def cooled_down(deployment: Deployment) -> None:

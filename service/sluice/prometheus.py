@@ -112,7 +112,25 @@ class PrometheusMetrics:
         self.dropped = Counter("sluice_backpressure_dropped", "Events dropped by drop policies.", registry=r)
         self.coalesced = Counter("sluice_backpressure_coalesced", "Events merged by coalesce.", registry=r)
         self.hedges = Counter("sluice_hedges", "Hedged requests by outcome.", ["outcome"], registry=r)
-        self.rate_limited = Counter("sluice_rate_limited", "Requests refused by a key's limit.", ["limit"], registry=r)
+        # ``key`` is a configured key's name (never the secret), so the label is bounded by the config.
+        self.rate_limited = Counter(
+            "sluice_rate_limited", "Requests refused by a key's limit, by limit and key name.", ["limit", "key"], registry=r
+        )
+        self.deployment_failures = Counter(
+            "sluice_deployment_failures",
+            "Requests a deployment gave up on (after its retries), by deployment and error code.",
+            ["deployment", "code"],
+            registry=r,
+        )
+        self.blocked = Counter(
+            "sluice_producer_blocked_seconds",
+            "Time producers waited on a full stream buffer (slow clients), summed over finished streams.",
+            registry=r,
+        )
+        self.max_streams = Gauge(
+            "sluice_max_streams", "The streams one gateway admits at once (max_streams x workers).", registry=r,
+            multiprocess_mode="livesum",
+        )
         self.channel_peak = Gauge(
             "sluice_channel_peak_depth", "Deepest any stream's channel got.", registry=r, multiprocess_mode="max"
         )
@@ -138,6 +156,10 @@ class PrometheusMetrics:
         """One failed upstream attempt (``http_503``, ``upstream_unavailable``, ...)."""
         self.upstream_errors.labels(self.code_label(code)).inc()
 
+    def deployment_failed(self, deployment: str, code: str) -> None:
+        """A deployment gave up on a request; ``deployment`` is a configured name, ``code`` bounded as ``code``."""
+        self.deployment_failures.labels(deployment, self.code_label(code)).inc()
+
     def stream_finished(self, stats: StreamStats) -> None:
         model = self.model_label(stats.model)
         api = stats.api
@@ -162,6 +184,8 @@ class PrometheusMetrics:
             self.dropped.inc(stats.dropped)
         if stats.coalesced:
             self.coalesced.inc(stats.coalesced)
+        if stats.blocked_seconds:
+            self.blocked.inc(stats.blocked_seconds)
         if stats.hedge is not HedgeState.NONE:
             self.hedges.labels(stats.hedge.value).inc()
         if stats.peak_queue > self._peak:

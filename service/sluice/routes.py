@@ -222,7 +222,7 @@ async def _admit(state: GatewayState, parsed: ParsedRequest, policy: str, api_na
         try:
             lease = await state.limits.admit(key)
         except errors.RateLimited as refused:
-            state.prometheus.rate_limited.labels(refused.limit).inc()
+            state.prometheus.rate_limited.labels(refused.limit, key.name).inc()
             raise
         exchange().admitted = (key, lease)
     stats = StreamStats(request_id=g.request_id, model=parsed.model_name, policy=policy, stream=parsed.stream, api=api_name)
