@@ -147,7 +147,10 @@ def render(shape: Shape, number: int) -> Rendering:
         body = json.dumps(
             completion_body(completion_id, created, shape.model, "".join(tokens), finish, shape.n, 2, count)
         ).encode()
-        return Rendering((b"", simple_response(200, body)), (0.0, ttft + itl * max(0, count - 1)))
+        delay = ttft + itl * max(0, count - 1)
+        if not delay:
+            return Rendering((simple_response(200, body),), (0.0,))
+        return Rendering((b"", simple_response(200, body)), (0.0, delay))
     encoder = ChunkEncoder(completion_id, created, shape.model, include_usage=shape.include_usage)
     first = b"".join(encoder.role(i) for i in range(shape.n))
     closing = b"".join(encoder.finish(finish, i) for i in range(shape.n))
