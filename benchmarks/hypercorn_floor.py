@@ -73,6 +73,9 @@ class ChunkDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """The payload the raw bytes ``data`` complete."""
+        if self.finished:
+            self.unused += data
+            return b""
         buffer = self._buffer + data if self._buffer else data
         self._buffer = b""
         parts = []

@@ -12,7 +12,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 COLUMNS = [
     ("variant", "load"), ("gateway", "gateway"), ("completed", "ok"), ("failed", "failed"),
-    ("tokens", "tokens"), ("tokens_expected", "sent"), ("events_per_s", "events/s"),
+    ("tokens", "tokens"), ("tokens_expected", "sent"), ("tokens_per_s", "tokens/s"), ("events_per_s", "events/s"),
     ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("ttft_p99_vs_direct", "p99 - direct"),
     ("cpu_per_token_us", "CPU/token us"), ("cpu_per_request_ms", "CPU/req ms"),
     ("cpu_x_base", "CPU/token x chat"), ("ttft_p99_x_base", "TTFT p99 x chat"),
