@@ -45,6 +45,11 @@ LAYERS = [
     ("consumer: StreamRelay.__anext__ and the channel", r"StreamRelay\.__anext__"),
     ("relay start and end: nursery, release, pool return, figures, log line", r"StreamRelay\.__aexit__|StreamRelay\.__aenter__|StreamRelay\.release"),
     ("Quart: dispatch, before/after request, the route's own code", r"QuartTrio\.handle_request|ASGIHTTPConnection\._send_response"),
+    # hypercorn-floor's own parts (its frames match none of Sluice's above but hypercorn's)
+    ("floor upstream request: pool, request send, response head",
+     r"read_head \(benchmarks|Pool\.take|app \(benchmarks/hypercorn_floor\.py:\d+\);SocketStream\.send_all"),
+    ("floor upstream body: produce (recv, chunk decoding, channel send)", r"relay\.<locals>\.produce"),
+    ("floor relay: consumer, channel, nursery, start and end", r"relay \(benchmarks/hypercorn_floor"),
     ("hypercorn: accepting, reading and parsing connections", r"_run_handler|_serve_one_listener|TCPServer\.|H11Protocol\.handle"),
 ]
 IDLE = re.compile(r"get_events|epoll")
