@@ -185,25 +185,32 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             next_index += 1
 
     def on_data_events(stream: Stream) -> None:
+        """Counts over every complete event of the read at once (C-speed ``count``/``find``, no per-event Python).
+
+        Per event as before: a ``data:`` block is an event unless it is
+        ``[DONE]``; it is a token when it holds a non-empty content/text
+        (exactly one per chunk in these grammars); the first error event's
+        text is kept. With the fast upstream this parser was most of core 1's
+        CPU per token; now the load generator stays far below any gateway.
+        """
         data = stream.sse
         end = data.rfind(b"\n\n")
         if end < 0:
             return
         stream.sse = data[end + 2:]
-        for event in data[:end].split(b"\n\n"):
-            if not event.startswith(b"data:"):
-                continue
-            if event.startswith(b"data: [DONE]"):
-                stream.done = True
-                continue
-            stream.events += 1
-            if event.startswith(b'data: {"error"'):
-                stream.error = event[6:200].decode(errors="replace")
-                continue
-            if token_marker in event and empty_marker not in event:
-                stream.tokens += 1
-                if stream.first_token is None:
-                    stream.first_token = time.monotonic()
+        region = b"\n\n" + data[:end]
+        done = region.count(b"\n\ndata: [DONE]")
+        if done:
+            stream.done = True
+        stream.events += region.count(b"\n\ndata:") - done
+        error_at = region.find(b'\n\ndata: {"error"')
+        if error_at >= 0:
+            stream.error = region[error_at + 8:error_at + 202].decode(errors="replace")
+        tokens = region.count(token_marker) - region.count(empty_marker)
+        if tokens > 0:
+            stream.tokens += tokens
+            if stream.first_token is None:
+                stream.first_token = time.monotonic()
         if abort_after is not None and stream.events >= abort_after and stream.aborted_at is None:
             stream.aborted_at = time.monotonic()
             close(stream, rst=abort_rst)

@@ -25,7 +25,7 @@ import sys
 
 from .procs import run_loadgen
 from .report import RESULTS
-from .targets import target, upstream
+from .targets import UPSTREAMS, target, upstream
 
 SHAPES = {
     # the sustained scenario's stream shape, longer
@@ -45,6 +45,11 @@ LAYERS = [
     ("consumer: StreamRelay.__anext__ and the channel", r"StreamRelay\.__anext__"),
     ("relay start and end: nursery, release, pool return, figures, log line", r"StreamRelay\.__aexit__|StreamRelay\.__aenter__|StreamRelay\.release"),
     ("Quart: dispatch, before/after request, the route's own code", r"QuartTrio\.handle_request|ASGIHTTPConnection\._send_response"),
+    # hypercorn-floor's own parts (its frames match none of Sluice's above but hypercorn's)
+    ("floor upstream request: pool, request send, response head",
+     r"read_head \(benchmarks|Pool\.take|app \(benchmarks/hypercorn_floor\.py:\d+\);SocketStream\.send_all"),
+    ("floor upstream body: produce (recv, chunk decoding, channel send)", r"relay\.<locals>\.produce"),
+    ("floor relay: consumer, channel, nursery, start and end", r"relay \(benchmarks/hypercorn_floor"),
     ("hypercorn: accepting, reading and parsing connections", r"_run_handler|_serve_one_listener|TCPServer\.|H11Protocol\.handle"),
 ]
 IDLE = re.compile(r"get_events|epoll")
@@ -80,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway", default="sluice")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--upstream", choices=UPSTREAMS, default="fast", help="the upstream (default: the fast one)")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(py_spy):
         print("py-spy is not installed: ./dev.sh bench installs the bench extras, or pip install py-spy", file=sys.stderr)
         return 2
     raw_path = os.path.join(RESULTS, f"profile-{args.shape}.txt")
-    with upstream() as upstream_port, target(args.gateway, upstream_port) as system:
+    with upstream(args.upstream) as upstream_port, target(args.gateway, upstream_port) as system:
         if system.pid is None:
             print("nothing to profile: that gateway has no process", file=sys.stderr)
             return 2

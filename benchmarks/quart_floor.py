@@ -26,7 +26,7 @@ from quart import Response, request
 from quart.wrappers.response import ResponseBody
 from quart_trio import QuartTrio
 
-from sluice.server import freeze_startup_heap
+from sluice.server import LISTEN_BACKLOG, freeze_startup_heap
 from sluice.upstream_body import UpstreamBody
 
 
@@ -57,9 +57,17 @@ class Relay(ResponseBody):
 
     async def __anext__(self) -> bytes:
         try:
-            return await self._receive.receive()
+            chunk = await self._receive.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+        # Batching as Sluice and hypercorn-floor do: what is queued goes in one write.
+        parts = [chunk]
+        while True:
+            try:
+                parts.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return chunk if len(parts) == 1 else b"".join(parts)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -102,6 +110,7 @@ def main() -> None:
     port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
+    config.backlog = LISTEN_BACKLOG  # as Sluice and hypercorn-floor: a burst of connects is not dropped into SYN retries
     app = make_app(f"http://127.0.0.1:{upstream_port}/v1/chat/completions")
     freeze_startup_heap()
     trio.run(serve, app, config)

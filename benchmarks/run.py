@@ -8,6 +8,7 @@ client aborts. Timing never fails it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import sys
@@ -15,7 +16,7 @@ import time
 
 from . import report
 from .scenarios import build, correctness_problems, median_rows, run_scenario
-from .targets import EXTRA_GATEWAYS, GATEWAYS, ensure_nginx, upstream
+from .targets import EXTRA_GATEWAYS, GATEWAYS, UPSTREAMS, ensure_nginx, upstream
 
 SMOKE_SCENARIOS = ["sustained", "apis", "requests", "overload", "cancel", "features"]
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer capacity steps")
     parser.add_argument("--scenarios", help="comma-separated subset (default: all; smoke: " + ",".join(SMOKE_SCENARIOS) + ")")
     parser.add_argument("--gateways", default=",".join(GATEWAYS), help="comma-separated subset of " + ",".join(GATEWAYS + EXTRA_GATEWAYS))
+    parser.add_argument("--upstream", choices=UPSTREAMS, default="fast",
+                        help="the upstream of every scenario that does not name its own (apis: the simulator); default: fast")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx when missing")
     args = parser.parse_args(argv)
 
@@ -40,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     everything = []  # every round's rows: a wrong result in any round is a wrong result
     started = time.monotonic()
     seconds = {}  # wall-clock time per scenario: what each one adds to a run (the smoke run's budget)
-    with upstream() as upstream_port:
+    with contextlib.ExitStack() as stack:
+        ports: dict[str, int] = {}  # each upstream kind started once, when a scenario first needs it
         for name in chosen:
             scenario_started = time.monotonic()
             scenario = scenarios[name]
+            kind = scenario.upstream or args.upstream
+            if kind not in ports:
+                ports[kind] = stack.enter_context(upstream(kind))
+            upstream_port = ports[kind]
             measured = []
             for round_ in range(scenario.repeats):
                 for gateway in scenario.gateways or gateways:
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(median_rows(scenario, measured))
             seconds[name] = round(time.monotonic() - scenario_started, 1)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),
+            "upstream": args.upstream, "load": _load_average(),
             "seconds": round(time.monotonic() - started, 1), "scenario_seconds": seconds, "notes": notes}
     # Only a full run replaces the committed results; a subset goes beside them.
     stem = "smoke" if args.smoke else ("latest" if not args.scenarios and not args.quick else "partial")
@@ -65,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     wrong = {(p.split(":")[0]) for p in problems}
     print(f"benchmarks: {len(everything) - len(wrong)} passed, {len(wrong)} failed")
     return 1 if problems else 0
+
+
+def _load_average() -> str:
+    """The machine's load when the run ended (``uptime``'s three figures): the runs share the machine."""
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return " ".join(loadavg.read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

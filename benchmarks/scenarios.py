@@ -1,7 +1,8 @@
 """Scenarios: what load each one sends, and what it measures on each gateway.
 
 Each scenario runs against a fresh gateway process (so its peak RSS is its
-own) and a fresh simulator counter set, and returns one row per gateway
+own) and a fresh upstream counter set (``/sim/reset``, which the fast
+upstream and the simulator both answer), and returns one row per gateway
 (several for ``capacity`` and ``memory``, one per step).
 """
 
@@ -35,6 +36,8 @@ class Scenario:
     median_of: str = "cpu_per_token_us"
     #: the variant every other is compared with, on the same gateway in the same round (``x_<variant>`` columns)
     baseline_variant: str | None = None
+    #: the upstream this scenario needs whatever the run's ``--upstream`` (the fast one answers chat only)
+    upstream: str | None = None
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -64,7 +67,7 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
             "apis",
             [(api, {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0, "api": api})
              for api in ("chat", "responses", "messages")],
-            tokens, gateways=("direct", "sluice"), repeats=rounds, baseline_variant="chat",
+            tokens, gateways=("direct", "sluice"), repeats=rounds, baseline_variant="chat", upstream="simulator",
         ),
         "ttft": Scenario("ttft", [("10", {"streams": 10, "model": "sim:tokens=5", "ramp_s": 0.5})], 5),
         "requests": Scenario(

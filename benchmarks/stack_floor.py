@@ -8,8 +8,8 @@ the upstream request and ``sluice.upstream_body.UpstreamBody`` for its body,
 a producer and a consumer joined by a bounded memory channel, the
 upstream's bytes passed through untouched (no SSE framing, no figures, no
 error events, no limits, no metrics). Everything Sluice spends above it is
-Quart and Sluice's own work; everything it spends above trio-floor is
-hypercorn's and httpx2's.
+Quart and Sluice's own work; everything it spends above hypercorn-floor
+(the same shape with a raw socket upstream) is httpx2's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from sluice.server import freeze_startup_heap
+from sluice.server import LISTEN_BACKLOG, freeze_startup_heap
 from sluice.upstream_body import UpstreamBody
 
 HEAD = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -74,7 +74,14 @@ def make_app(upstream_url: str) -> Any:
                 nursery.start_soon(cancel_on_disconnect, nursery.cancel_scope)
                 nursery.start_soon(produce)
                 async for chunk in receiver:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # Batching as Sluice and hypercorn-floor do: what is queued goes in one write.
+                    parts = [chunk]
+                    while True:
+                        try:
+                            parts.append(receiver.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await send({"type": "http.response.body", "body": chunk if len(parts) == 1 else b"".join(parts), "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 nursery.cancel_scope.cancel()
         finally:
@@ -89,6 +96,7 @@ def main() -> None:
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.keep_alive_timeout = 75
+    config.backlog = LISTEN_BACKLOG  # as Sluice and hypercorn-floor: a burst of connects is not dropped into SYN retries
     app = make_app(f"http://127.0.0.1:{upstream_port}/v1/chat/completions")
     freeze_startup_heap()  # the garbage collector set as Sluice sets it
     trio.run(serve, app, config)

@@ -1,11 +1,15 @@
-"""The systems under test, each started as its own process on the gateway core.
+"""The systems under test, each started as its own process on the gateway core, and the upstream.
 
 * ``direct``: no gateway; the load generator talks to the upstream.
-* ``trio-floor``: benchmarks/floor.py, the cost of trio for Sluice's shape.
-* ``stack-floor``: benchmarks/stack_floor.py, the same shape as a raw ASGI
-  callable on hypercorn with httpx2: the cost of hypercorn and httpx2.
+* ``hypercorn-floor``: benchmarks/hypercorn_floor.py, Sluice's shape as a raw
+  ASGI callable on hypercorn with a raw trio socket upstream (no framework,
+  no HTTP client library): the reference of issue 17's targets.
+* ``stack-floor``: benchmarks/stack_floor.py, the same with httpx2 (and
+  ``sluice.upstream_body``) for the upstream: what httpx2 adds.
 * ``quart-floor``: benchmarks/quart_floor.py, the same with quart-trio as the
-  application: the cost of the whole stack Sluice is fixed to.
+  application: what Quart adds; Sluice above it is Sluice's own work.
+* ``trio-floor`` (only when named): benchmarks/floor.py, the shape on raw
+  trio sockets with no HTTP server at all: what hypercorn itself costs.
 * ``nginx``: a pass-through proxy (``proxy_buffering off``), one worker.
 * ``sluice``: ``sluice serve`` pointed at the same upstream.
 * ``sluice-features``: the same with what issue 6 adds switched on: a
@@ -15,6 +19,11 @@
   every request, and Prometheus metrics (always on).
 * ``sluice-2w``: ``sluice serve --workers 2`` (both cores: the gateway is
   then not alone on its core, so compare its throughput, not its CPU).
+
+The upstream (on the load core) is ``fast`` (benchmarks/fast_upstream.py:
+pre-rendered chat answers, far cheaper than any gateway) or ``simulator``
+(``sluice simulate``: every API and fault, but itself the bottleneck of a
+throughput run).
 """
 
 from __future__ import annotations
@@ -32,9 +41,12 @@ from dataclasses import dataclass
 from .procs import GATEWAY_CORE, LOAD_CORE, free_port, http_json, start, stop, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GATEWAYS = ("direct", "trio-floor", "stack-floor", "quart-floor", "nginx", "sluice")
+GATEWAYS = ("direct", "hypercorn-floor", "stack-floor", "quart-floor", "nginx", "sluice")
 #: measured only when asked for (--gateways), or by the scenarios that compare them
-EXTRA_GATEWAYS = ("sluice-features", "sluice-2w")
+EXTRA_GATEWAYS = ("trio-floor", "sluice-features", "sluice-2w")
+#: the reference of issue 17's targets: every ratio in the report is to it
+REFERENCE = "hypercorn-floor"
+UPSTREAMS = ("fast", "simulator")
 BENCH_KEY = "sk-bench-virtual-key"
 
 FEATURES_CONFIG = """
@@ -114,9 +126,16 @@ def ensure_nginx(install: bool) -> str | None:
 
 
 @contextlib.contextmanager
-def upstream() -> Iterator[int]:
+def upstream(kind: str = "fast") -> Iterator[int]:
+    """The upstream on the load core: its port while it runs."""
     port = free_port()
-    process = start([sys.executable, "-m", "sluice.cli", "simulate", "--port", str(port)], LOAD_CORE)
+    if kind == "fast":
+        cmd = [sys.executable, "-m", "benchmarks.fast_upstream", str(port)]
+    elif kind == "simulator":
+        cmd = [sys.executable, "-m", "sluice.cli", "simulate", "--port", str(port)]
+    else:
+        raise ValueError(f"unknown upstream {kind!r}; one of {', '.join(UPSTREAMS)}")
+    process = start(cmd, LOAD_CORE, env={"PYTHONPATH": ROOT})
     try:
         wait_port(port)
         yield port
@@ -131,7 +150,9 @@ def target(name: str, upstream_port: int, sluice_args: list[str] | None = None) 
         return
     port = free_port()
     workdir = None
-    if name == "trio-floor":
+    if name == "hypercorn-floor":
+        cmd = [sys.executable, "-m", "benchmarks.hypercorn_floor", str(port), str(upstream_port)]
+    elif name == "trio-floor":
         cmd = [sys.executable, "-m", "benchmarks.floor", str(port), str(upstream_port)]
     elif name == "quart-floor":
         cmd = [sys.executable, "-m", "benchmarks.quart_floor", str(port), str(upstream_port)]
