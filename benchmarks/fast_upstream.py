@@ -32,8 +32,10 @@ Invariants:
   the kernel takes, then a wait until the socket is writable; nothing is
   buffered in user space beyond the one pre-rendered ``bytes`` object the
   answer already is (shared by every request of that shape).
-* With no delay, a streamed answer is one ``bytes`` (head + body) written in
-  as few sends as the peer's window allows; with a delay, the head goes at
+* Every event (one per token) is its own HTTP chunk, as providers' servers
+  write them (one write, one chunk): the gateway's chunked decoding is
+  measured at its real cost. With no delay, a streamed answer is one
+  ``bytes`` (head + body) written in as few sends as the peer's window allows; with a delay, the head goes at
   once and each token's chunk at its time (``ttft_ms + i * itl_ms`` after the
   request), one sleep per stream per token, the last token's chunk together
   with the closing chunks and the body's end.
@@ -75,9 +77,6 @@ MAX_BODY = 1024 * 1024
 CACHE_ENTRIES = 512
 #: the most tokens one answer may ask for (the simulator's own limit)
 MAX_TOKENS = 100_000
-#: chunked frames of a no-delay answer are at most this big, as the simulator batches
-FRAME_BYTES = 65536
-
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
     b"transfer-encoding: chunked\r\n\r\n"
@@ -88,11 +87,6 @@ LAST_CHUNK = b"0\r\n\r\n"
 def frame(payload: bytes) -> bytes:
     """``payload`` as one chunk of chunked transfer-coding (nothing for an empty payload)."""
     return b"%x\r\n%s\r\n" % (len(payload), payload) if payload else b""
-
-
-def frames(payload: bytes) -> bytes:
-    """``payload`` as chunks of at most :data:`FRAME_BYTES`."""
-    return b"".join(frame(payload[i : i + FRAME_BYTES]) for i in range(0, len(payload), FRAME_BYTES))
 
 
 def simple_response(status: int, body: bytes, reason: str = "OK") -> bytes:
@@ -163,9 +157,9 @@ def render(shape: Shape, number: int) -> Rendering:
     else:
         events = [first]
     events[-1] += closing
-    if ttft == 0 and itl == 0:
-        return Rendering((STREAM_HEAD + frames(b"".join(events)) + LAST_CHUNK,), (0.0,))
     pieces = [frame(event) for event in events]
+    if ttft == 0 and itl == 0:
+        return Rendering((STREAM_HEAD + b"".join(pieces) + LAST_CHUNK,), (0.0,))
     pieces[-1] += LAST_CHUNK
     return Rendering((STREAM_HEAD, *pieces), (0.0, *(ttft + itl * i for i in range(len(pieces)))))
 
