@@ -12,6 +12,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import h11
 import httpx2
 import pytest
 import trio
@@ -133,6 +134,74 @@ async def test_reads_what_httpx2_reads_and_the_connection_is_reused(
     again, _ = await fetch(client, scripted.url, direct=True)
     assert again == PAYLOAD
     assert scripted.connections == 1
+
+
+def bulk_writes(chunks: int, with_head: int) -> tuple[list[bytes | None], bytes]:
+    """A long body as writes that each end inside a chunk: the head comes with ``with_head`` and a half chunks."""
+    events = [b'data: {"n":%d,"choices":[{"delta":{"content":"tok%d"}}]}\n\n' % (n, n) for n in range(chunks)]
+    wire = b"".join(chunk(event) for event in events) + b"0\r\n\r\n"
+    step = len(chunk(events[0]))  # about: the sizes vary by a few bytes
+    cuts = [step * with_head + step // 2] + list(range(step * with_head + step // 2 + 10 * step, len(wire) - step, 10 * step))
+    ends = [*cuts, len(wire)]
+    writes: list[bytes | None] = [HEAD + wire[: cuts[0]]] + [wire[start:end] for start, end in zip(cuts, ends[1:])]
+    return writes, b"".join(events)
+
+
+async def test_h11_parses_only_the_chunks_that_came_with_the_head_and_the_connection_is_reused(
+    upstream: tuple[ScriptedUpstream, httpx2.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # h11 parses a chunk at ~5 us, the decoder at ~1.3: feeding h11 the body
+    # in step with the decoder cost the bulk shape ~40 % of its CPU per token.
+    scripted, client = upstream
+    writes, payload = bulk_writes(512, with_head=3)
+    scripted.scripts = [writes, writes]
+    h11_data_events = 0
+    next_event = h11.Connection.next_event
+
+    def counting_next_event(self: h11.Connection) -> object:
+        nonlocal h11_data_events
+        event = next_event(self)
+        h11_data_events += isinstance(event, h11.Data)
+        return event
+
+    monkeypatch.setattr(h11.Connection, "next_event", counting_next_event)
+    assert await fetch(client, scripted.url, direct=True) == (payload, True)
+    # the 3 chunks that came with the head, the half chunk, and its rest (read to catch up)
+    assert h11_data_events <= 5
+    assert await fetch(client, scripted.url, direct=True) == (payload, True)
+    assert h11_data_events <= 10
+    assert scripted.connections == 1
+
+
+async def test_bytes_after_the_last_chunk_keep_the_connection_out_of_the_pool(
+    upstream: tuple[ScriptedUpstream, httpx2.AsyncClient],
+) -> None:
+    scripted, client = upstream
+    writes, payload = bulk_writes(40, with_head=1)
+    junk = writes[-1] + b"HTTP/1.1 200 OK\r\n"  # type: ignore[operator]
+    scripted.scripts = [[*writes[:-1], junk], SPLITS["everything in one read"]]
+    assert await fetch(client, scripted.url, direct=True) == (payload, True)
+    assert (await fetch(client, scripted.url, direct=True))[0] == PAYLOAD
+    assert scripted.connections == 2
+
+
+async def test_stopping_after_h11_caught_up_closes_the_connection(
+    upstream: tuple[ScriptedUpstream, httpx2.AsyncClient],
+) -> None:
+    scripted, client = upstream
+    writes, _ = bulk_writes(512, with_head=2)
+    scripted.scripts = [writes, SPLITS["everything in one read"]]
+    async with client.stream("POST", scripted.url, content=b"{}") as response:
+        body = UpstreamBody(response)
+        received = b""
+        while len(received) < 20 * len(EVENTS[0]):  # past the head's chunks and the catch-up read
+            received += await body.read()
+        await body.aclose()
+        with trio.fail_after(5):
+            while scripted.closed < 1:
+                await trio.sleep(0.01)
+    assert (await fetch(client, scripted.url, direct=True))[0] == PAYLOAD
+    assert scripted.connections == 2
 
 
 async def test_a_body_cut_short_is_a_protocol_error_and_its_connection_is_not_reused(

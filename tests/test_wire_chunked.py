@@ -145,3 +145,46 @@ def test_an_endless_size_line_or_trailer_is_refused_not_buffered() -> None:
     with pytest.raises(ChunkedFramingError):
         for _ in range(MAX_LINE // 1000 + 2):
             decoder.feed(b"x-long: " + b"y" * 1000)
+
+
+def first_chunk_end_byte_by_byte(decoder: ChunkedDecoder, data: bytes) -> int | None:
+    """The reference for end_of_chunk_in: feed a copy byte by byte until it sits between chunks."""
+    if decoder.at_chunk_boundary:
+        return 0
+    copy = ChunkedDecoder()
+    copy._state, copy._remaining, copy._line = decoder._state, decoder._remaining, decoder._line
+    for index in range(len(data)):
+        try:
+            copy.feed(data[index : index + 1])
+        except ChunkedFramingError:
+            return None
+        if copy.at_chunk_boundary:  # never again once the last chunk has begun
+            return index + 1
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunked_bodies(), st.integers(min_value=0, max_value=3000), st.integers(min_value=0, max_value=3000))
+def test_end_of_chunk_in_finds_where_the_chunk_in_progress_ends_for_every_split(
+    body: tuple[bytes, bytes], cut: int, length: int
+) -> None:
+    # UpstreamBody feeds h11 a read up to there, and no further.
+    wire, _ = body
+    decoder = ChunkedDecoder()
+    decoder.feed(wire[:cut])
+    data = wire[cut : cut + length]
+    expected = first_chunk_end_byte_by_byte(decoder, data)
+    state = (decoder._state, decoder._remaining, decoder._line)
+    assert decoder.end_of_chunk_in(data) == expected
+    assert (decoder._state, decoder._remaining, decoder._line) == state  # pure
+
+
+def test_end_of_chunk_in_a_size_line_split_at_its_cr() -> None:
+    decoder = ChunkedDecoder()
+    decoder.feed(b"3;ext\r")
+    assert decoder.end_of_chunk_in(b"\nabc\r\n4\r\n") == 6
+    assert decoder.end_of_chunk_in(b"\nabc\r") is None
+    assert ChunkedDecoder().end_of_chunk_in(b"zz\r\n") == 0  # between chunks already
+    decoder = ChunkedDecoder()
+    decoder.feed(b"z")
+    assert decoder.end_of_chunk_in(b"z\r\nabc\r\n") is None  # not a size line: feed raises on it
