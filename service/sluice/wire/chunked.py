@@ -74,40 +74,6 @@ class ChunkedDecoder:
         """Everything fed so far ended exactly between two chunks (nothing partial held)."""
         return self._state == _SIZE and not self._line
 
-    def end_of_chunk_in(self, data: bytes) -> int | None:
-        """Where in ``data``, the next input, the chunk in progress ends (its CRLF included).
-
-        ``0`` when everything fed so far ended between two chunks; ``None``
-        when ``data`` does not complete the chunk in progress, when its size
-        line is not valid (:meth:`feed` raises on it), or when the last chunk
-        has begun (its trailer section ends the body, not a chunk). Pure: the
-        decoder is not advanced.
-        """
-        state = self._state
-        if state == _DATA:
-            end = self._remaining + 2
-        elif state == _DATA_END:
-            end = self._remaining
-        elif state == _SIZE:
-            if not self._line:
-                return 0
-            # The size line ends at the first CRLF of the partial line and
-            # data; the partial line holds no CRLF, only perhaps a final CR.
-            found = (self._line[-1:] + data).find(b"\r\n")
-            if found < 0:
-                return None
-            line_end = found + 1  # the index in data just after the line's CRLF
-            match = _SIZE_LINE.fullmatch((self._line + data[: line_end])[:-2])
-            if match is None:
-                return None
-            size = int(match.group(1), 16)
-            if size == 0:
-                return None
-            end = line_end + size + 2
-        else:
-            return None
-        return end if end <= len(data) else None
-
     def feed(self, data: bytes) -> bytes:
         """Take the next raw bytes of the body; return the payload bytes they complete."""
         if self._state == _DONE:
