@@ -29,19 +29,24 @@ when its h11 state says the response ended. h11 never parses the body:
   connection to the pool as it would after ``aiter_raw()``.
 
 Why h11's private buffer: h11 costs ~5 us per chunk here, the decoder ~1.3
-us, so h11 must not parse the body. Its public API cannot drop buffered
-bytes, and the head's read often carries much of the body: in the
-throughput scenario it carried ~64 KiB (up to ~400 one-token chunks) for
-most streams. Leaving those to h11 and feeding it the following reads only
-up to the end of the chunk they left open (public API only, tried) still had
-h11 parse 40 % of such a body; feeding it every read until a read happened
-to end between chunks (before issue 17) had it parse all of it, since reads
-end inside chunks when tokens come back to back. So this module takes the
-bytes out of h11's ``_receive_buffer`` with the buffer's own
-``maybe_extract_at_most`` (what h11's readers call); h11 is pinned to the
-minor version checked (``pyproject.toml``), :func:`direct_reader_parts`
-checks the attribute and a test fails if the pinned version stops offering
-it (the body is then read through ``aiter_raw()``, slower, never wrong).
+us, so h11 must not parse the body, and its public API cannot drop bytes it
+has buffered. The head's read often carries much of the body: ~64 KiB for
+most streams of the throughput scenario. Two ways within the public API
+were measured (``benchmarks/upstream_body_feed.py``: 512 one-token chunks,
+reads ending inside chunks). Feeding h11 every read until a read happened
+to end between chunks (before issue 17) had it parse the whole body: ~15-21
+us per chunk through this module. Leaving h11 the head's read and feeding it
+the following read up to the end of the chunk that read left open still had
+it parse 30-40 % of the chunks: ~9-12 us. Taking the bytes out of its
+buffer: ~6 us, whatever came with the head. So this module takes them out
+of h11's ``_receive_buffer`` with the buffer's own ``maybe_extract_at_most``
+(what h11's readers call). h11 is pinned to the minor version this was
+checked on (``pyproject.toml``); :func:`direct_reader_parts` checks the
+attribute, and a test fails if the pinned version stops offering it (the
+body would then be read through ``aiter_raw()``: slower, never wrong). That
+h11 is then exactly between two chunks is what the tests of every split of
+head and body prove: from anywhere else, the last chunk alone would not end
+the response, and the connection would not be reused.
 
 Invariants:
 
