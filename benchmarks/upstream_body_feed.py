@@ -48,33 +48,36 @@ def body_wire() -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events) + b"0\r\n\r\n"
 
 
+def read_request(connection: socket.socket, buffer: bytes) -> bytes | None:
+    """Read one request (head and content-length body); what follows it, or ``None`` at the end."""
+    while b"\r\n\r\n" not in buffer:
+        data = connection.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+    while len(buffer) < length:
+        buffer += connection.recv(65536)
+    return buffer[length:]
+
+
 def serve(port_file: str, with_head: int) -> None:
     """The upstream: answers every request on every connection with the same bytes."""
     wire = body_wire()
     listener = socket.create_server(("127.0.0.1", 0))
-    with open(port_file, "w") as f:
+    with open(port_file + ".tmp", "w") as f:
         f.write(str(listener.getsockname()[1]))
+    os.rename(port_file + ".tmp", port_file)
     while True:
         connection, _ = listener.accept()
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                data = connection.recv(65536)
-                if not data:
-                    break
-                buffer += data
-            else:
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-                while len(buffer) < length:
-                    buffer += connection.recv(65536)
-                buffer = buffer[length:]
-                connection.sendall(HEAD + wire[:with_head])
-                time.sleep(0.002)
-                connection.sendall(wire[with_head:])
-                continue
-            break
+        rest = b""
+        while (after := read_request(connection, rest)) is not None:
+            rest = after
+            connection.sendall(HEAD + wire[:with_head])
+            time.sleep(0.002)  # so the rest comes in a later read than the head
+            connection.sendall(wire[with_head:])
         connection.close()
 
 
@@ -154,7 +157,7 @@ def main() -> None:
         ["taskset", "-c", "1", sys.executable, "-m", "benchmarks.upstream_body_feed", "--serve", port_file, "--with-head", str(args.with_head)]
     )
     try:
-        while not os.path.exists(port_file) or not open(port_file).read():
+        while not os.path.exists(port_file):
             time.sleep(0.05)
         url = f"http://127.0.0.1:{open(port_file).read()}/v1/chat/completions"
         os.sched_setaffinity(0, {0})
