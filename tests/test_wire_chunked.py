@@ -122,21 +122,6 @@ def test_bytes_after_the_last_chunk_are_kept_apart_and_never_returned() -> None:
     assert decoder.unused == b"HTTP/1.1 200 OK"
 
 
-def test_at_chunk_boundary_only_when_nothing_partial_is_held() -> None:
-    decoder = ChunkedDecoder()
-    assert decoder.at_chunk_boundary
-    decoder.feed(b"3\r\nab")
-    assert not decoder.at_chunk_boundary  # inside a payload
-    decoder.feed(b"c\r")
-    assert not decoder.at_chunk_boundary  # inside the footer
-    decoder.feed(b"\n")
-    assert decoder.at_chunk_boundary
-    decoder.feed(b"1")
-    assert not decoder.at_chunk_boundary  # inside a size line
-    decoder.feed(b"\r\nx\r\n")
-    assert decoder.at_chunk_boundary
-
-
 def test_an_endless_size_line_or_trailer_is_refused_not_buffered() -> None:
     with pytest.raises(ChunkedFramingError):
         ChunkedDecoder().feed(b"1;" + b"x" * MAX_LINE)

@@ -15,14 +15,38 @@ way and ~100 us read directly; in the gateway that was ~40 % of its CPU per
 token (``benchmarks/README.md``, where the time goes).
 
 How the connection goes back to the pool: httpcore reuses a connection only
-when its h11 state says the response ended. The body's first bytes may have
-arrived with the head and sit in h11's buffer (h11's public
-``trailing_data``); they are decoded here too, and h11 is fed the same reads
-in lockstep until both sit exactly between two chunks. From there only this
-module reads. When the body ends cleanly, h11 is handed the zero-size last
-chunk (``0\\r\\n\\r\\n``) so it reaches the end of the response on its own
-terms, and ``response.aclose()`` returns the connection to the pool as it
-would after ``aiter_raw()``.
+when its h11 state says the response ended. h11 never parses the body:
+
+* The body's first bytes may have arrived with the head and sit in h11's
+  buffer, not yet parsed (httpcore2 stops asking h11 for events at the
+  response head). This module takes them out of that buffer and decodes
+  them itself; h11 is left where the head left it, at the start of the body
+  with an empty buffer, which for a chunked body is between two chunks.
+* Every later read goes to the decoder only.
+* When the body ends cleanly, h11 is handed the zero-size last chunk
+  (``0\r\n\r\n``): from between two chunks that brings it to the end of
+  the response on its own terms, and ``response.aclose()`` returns the
+  connection to the pool as it would after ``aiter_raw()``.
+
+Why h11's private buffer: h11 costs ~5 us per chunk here, the decoder ~1.3
+us, so h11 must not parse the body, and its public API cannot drop bytes it
+has buffered. The head's read often carries much of the body: ~64 KiB for
+most streams of the throughput scenario. Two ways within the public API
+were measured (``benchmarks/upstream_body_feed.py``: 512 one-token chunks,
+reads ending inside chunks). Feeding h11 every read until a read happened
+to end between chunks (before issue 17) had it parse the whole body: ~15-21
+us per chunk through this module. Leaving h11 the head's read and feeding it
+the following read up to the end of the chunk that read left open still had
+it parse 30-40 % of the chunks: ~9-12 us. Taking the bytes out of its
+buffer: ~6 us, whatever came with the head. So this module takes them out
+of h11's ``_receive_buffer`` with the buffer's own ``maybe_extract_at_most``
+(what h11's readers call). h11 is pinned to the minor version this was
+checked on (``pyproject.toml``); :func:`direct_reader_parts` checks the
+attribute, and a test fails if the pinned version stops offering it (the
+body would then be read through ``aiter_raw()``: slower, never wrong). That
+h11 is then exactly between two chunks is what the tests of every split of
+head and body prove: from anywhere else, the last chunk alone would not end
+the response, and the connection would not be reused.
 
 Invariants:
 
@@ -30,24 +54,24 @@ Invariants:
   what ``aiter_raw()`` would have returned (``tests/test_upstream_body.py``
   checks it over TCP and TLS, for every split of head and body).
 * A connection goes back to the pool only after its body was read to the
-  last chunk; any other exit (cancelled, broken, malformed) leaves h11
-  mid-response, so ``response.aclose()`` closes the connection. Bytes after
-  the last chunk keep the connection out of the pool too, except while h11
-  is still fed in lockstep: it then judges them itself, as it would through
-  ``aiter_raw()``.
+  last chunk and nothing followed it; any other exit (cancelled, broken,
+  malformed, bytes after the last chunk) leaves h11 mid-response, so
+  ``response.aclose()`` closes the connection.
+* h11 is fed no byte of the body, only the last chunk at a clean end.
 * Errors are httpx2's: :class:`httpx2.ReadError` for a broken connection,
   :class:`httpx2.RemoteProtocolError` for bad framing or a body cut short.
 * Any response this module cannot read that way (HTTP/2, a length-delimited
   body, a proxy's connection, another httpcore2 layout) is read through
   ``aiter_raw()`` instead: slower, never wrong. Reaching the connection
-  takes httpcore2's private attributes; :func:`direct_reader_parts` checks
-  every hop, and a test fails if the pinned version stops offering them.
+  takes httpcore2's private attributes, and taking over the body's first
+  bytes h11's; :func:`direct_reader_parts` checks every hop, and a test
+  fails if the pinned versions stop offering them.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import httpcore2
@@ -62,8 +86,18 @@ READ_SIZE = 64 * 1024
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
-def direct_reader_parts(response: httpx2.Response) -> tuple[h11.Connection, trio.abc.ReceiveStream] | None:
-    """The h11 state and trio stream behind a chunked HTTP/1.1 response, or ``None``."""
+class H11ReceiveBuffer(Protocol):
+    """What this module uses of h11's receive buffer (``h11._receivebuffer.ReceiveBuffer``)."""
+
+    def __len__(self) -> int: ...
+
+    def maybe_extract_at_most(self, count: int) -> bytearray | None: ...
+
+
+def direct_reader_parts(
+    response: httpx2.Response,
+) -> tuple[h11.Connection, H11ReceiveBuffer, trio.abc.ReceiveStream] | None:
+    """The h11 state, its receive buffer and the trio stream behind a chunked HTTP/1.1 response, or ``None``."""
     if response.extensions.get("http_version") != b"HTTP/1.1":
         return None
     if response.headers.get("transfer-encoding", "").lower() != "chunked":
@@ -79,19 +113,22 @@ def direct_reader_parts(response: httpx2.Response) -> tuple[h11.Connection, trio
             return None
         state = connection._h11_state
         stream = network_stream._stream  # type: ignore[union-attr]
-    except AttributeError:
+        buffer = state._receive_buffer
+        buffer.maybe_extract_at_most  # noqa: B018 (the attribute's presence is what is checked)
+        len(buffer)
+    except (AttributeError, TypeError):
         return None
     if not isinstance(state, h11.Connection) or not isinstance(stream, trio.abc.ReceiveStream):
         return None
-    if state.their_state is not h11.SEND_BODY:
+    if state.their_state is not h11.SEND_BODY or len(buffer) != len(state.trailing_data[0]):
         return None
-    return state, stream
+    return state, buffer, stream
 
 
 class UpstreamBody:
     """One upstream response's body, read chunk by chunk; see the module docstring."""
 
-    __slots__ = ("_response", "_ended", "_h11", "_stream", "_decoder", "_buffered", "_lockstep", "_fallback")
+    __slots__ = ("_response", "_ended", "_h11", "_stream", "_decoder", "_buffered", "_fallback")
 
     def __init__(self, response: httpx2.Response) -> None:
         self._response = response
@@ -102,12 +139,10 @@ class UpstreamBody:
         if parts is None:
             self._fallback = response.aiter_raw()
             return
-        self._h11, self._stream = parts
+        self._h11, h11_buffer, self._stream = parts
         self._decoder = ChunkedDecoder()
-        #: body bytes that came in with the head, still in h11's buffer
-        self._buffered: bytes | None = self._h11.trailing_data[0]
-        #: h11 is fed every read until it and the decoder are both between chunks
-        self._lockstep = True
+        #: body bytes that came in with the head, taken out of h11's buffer
+        self._buffered: bytes | None = bytes(h11_buffer.maybe_extract_at_most(len(h11_buffer)) or b"") or None
 
     @property
     def direct(self) -> bool:
@@ -129,14 +164,13 @@ class UpstreamBody:
             except StopAsyncIteration:
                 self._ended = True
                 return b""
+        decoder = self._decoder
         while self._buffered is not None:
-            # In slices of max_bytes (h11 has all of it already: it is not fed again).
             buffered = self._buffered
             self._buffered = buffered[max_bytes:] or None
-            payload = self._take(buffered[:max_bytes], already_in_h11=True)
+            payload = self._take(buffered[:max_bytes])
             if payload:
                 return payload
-        decoder = self._decoder
         while not decoder.finished:
             try:
                 data = await self._stream.receive_some(max_bytes)
@@ -146,7 +180,7 @@ class UpstreamBody:
                 raise httpx2.RemoteProtocolError(
                     "peer closed connection without sending complete message body (incomplete chunked read)"
                 )
-            payload = self._take(data, already_in_h11=False)
+            payload = self._take(data)
             if payload:
                 return payload
         self._ended = True
@@ -164,27 +198,22 @@ class UpstreamBody:
             if not self._ended:
                 await self._response.aclose()
 
-    def _take(self, data: bytes, *, already_in_h11: bool) -> bytes:
+    def _take(self, data: bytes) -> bytes:
+        # The body's end is clean only with nothing after it, in this read or
+        # in what is left of the bytes that came with the head.
         decoder = self._decoder
         try:
             payload = decoder.feed(data)
         except ChunkedFramingError as exc:
             raise httpx2.RemoteProtocolError(f"The upstream's chunked body is malformed: {exc}") from None
-        if self._lockstep:
-            if not already_in_h11:
-                self._h11.receive_data(data)
-            self._drain_h11()
-            if decoder.at_chunk_boundary and not self._h11.trailing_data[0] and self._buffered is None:
-                self._lockstep = False
-        elif decoder.finished and not decoder.unused:
-            # The body ended cleanly: let h11 reach the end of the response too.
-            self._h11.receive_data(_LAST_CHUNK)
-            self._drain_h11()
+        if decoder.finished and not decoder.unused and self._buffered is None:
+            self._end_h11()
         return payload
 
-    def _drain_h11(self) -> None:
-        """Advance h11 over what it was fed (its events carry nothing the decoder lacks)."""
+    def _end_h11(self) -> None:
+        """The body ended cleanly: let h11 reach the end of the response too."""
         state = self._h11
+        state.receive_data(_LAST_CHUNK)
         try:
             while True:
                 event: Any = state.next_event()

@@ -69,11 +69,6 @@ class ChunkedDecoder:
         """The last chunk and the trailer section have been read."""
         return self._state == _DONE
 
-    @property
-    def at_chunk_boundary(self) -> bool:
-        """Everything fed so far ended exactly between two chunks (nothing partial held)."""
-        return self._state == _SIZE and not self._line
-
     def feed(self, data: bytes) -> bytes:
         """Take the next raw bytes of the body; return the payload bytes they complete."""
         if self._state == _DONE:
