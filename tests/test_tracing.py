@@ -237,7 +237,7 @@ async def test_a_refused_request_has_an_error_type_and_a_key_name_but_never_the_
     assert response.status_code == 404
     span = await ended_span(exporter)
     attributes = dict(span.attributes or {})
-    assert attributes["http.response.status_code"] == 404 and attributes["error.type"] == "404"
+    assert attributes["http.response.status_code"] == 404 and attributes["error.type"] == "model_not_found"
     assert attributes["sluice.key"] == "team-a"
     assert span.status.status_code is StatusCode.UNSET  # a client's error is not the server's failure
     assert "sk-team-secret" not in repr(span.to_json())
@@ -535,3 +535,18 @@ async def _wait_healthy(process: subprocess.Popen[bytes], url: str, stderr: Path
             except httpx2.TransportError:
                 pass
             await trio.sleep(0.2)
+
+
+async def test_a_request_that_fails_before_its_head_is_an_error_span_with_its_retries(
+    start_gateway: GatewayFactory, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    gateway = await start_gateway(tracer_provider=provider, retry_max_attempts=2, retry_backoff_initial=0, retry_backoff_max=0)
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        response = await http.post("/v1/chat/completions", json=chat_body("sim:fault=status,status_code=500"))
+    assert response.status_code == 502
+    span = await ended_span(exporter)
+    attributes = dict(span.attributes or {})
+    assert span.status.status_code is StatusCode.ERROR
+    assert attributes["error.type"] == response.json()["error"]["code"]
+    assert attributes["http.response.status_code"] == 502 and attributes["sluice.outcome"].startswith("error:")
+    assert [e["sluice.attempt"] for e in (dict(e.attributes or {}) for e in span.events)] == [2]

@@ -324,6 +324,10 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
 
     @app.errorhandler(errors.SluiceError)
     async def on_sluice_error(error: errors.SluiceError) -> Response:
+        if tracing is not None:
+            held: Exchange | None = request.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+            if held is not None and held.trace is not None:
+                held.trace.error_type = error.code
         # An upstream's error body, or its words in the message, may quote a key.
         return error_response(error, state.scrubber)
 

@@ -124,7 +124,10 @@ def build_tracing(settings: Settings, provider: TracerProvider | None = None) ->
     # With only the variables set the exporter resolves the endpoint itself (adding /v1/traces to
     # OTEL_EXPORTER_OTLP_ENDPOINT); the setting is a base endpoint like that variable.
     endpoint = settings.otel_endpoint.rstrip("/") + "/v1/traces" if settings.otel_endpoint else None
-    built = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER(_ARG), parentbased_always_on by default
+    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (parentbased_always_on by default). No atexit
+    # hook: the gateway flushes on its own shutdown, bounded (an unbounded flush to a dead collector
+    # at exit would hold the process past its drain).
+    built = TracerProvider(resource=resource, shutdown_on_exit=False)
     built.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     return Tracing(built, owned=True, flush_timeout=settings.otel_flush_timeout)
 
@@ -180,13 +183,17 @@ class Tracing:
 class RequestTrace:
     """One request's SERVER span and what the relay tells it. Every call is per request or rarer."""
 
-    __slots__ = ("span", "route", "status_code", "model", "key_name", "_request_fields", "_deployment", "_ended")
+    __slots__ = (
+        "span", "route", "status_code", "error_type", "model", "key_name", "_request_fields", "_deployment", "_ended",
+    )
 
     def __init__(self, span: Span, route: str) -> None:
         self.span = span
         self.route = route
         #: the response status the client was sent (set when the response head is made)
         self.status_code: int | None = None
+        #: the code of the gateway error the client was answered with, if any (``model_not_found``...)
+        self.error_type: str | None = None
         #: the model the client asked for, once the request parsed
         self.model: str | None = None
         #: the gateway key's name (never the key)
@@ -316,12 +323,14 @@ class RequestTrace:
                 attributes["sluice.tokens_per_second"] = tps
             if stats.outcome is Outcome.ERROR:
                 error_type = stats.error_code or "error"
-        if error_type is None and self.status_code is not None and self.status_code >= 500:
-            error_type = str(self.status_code)
+        status = self.status_code
+        if error_type is None and status is not None and status >= 500:
+            error_type = self.error_type or str(status)
         if error_type is not None:
             attributes["error.type"] = error_type
             span.set_status(Status(StatusCode.ERROR, error_type))
-        elif self.status_code is not None and self.status_code >= 400:
-            attributes["error.type"] = str(self.status_code)  # a client error: not the server span's failure
+        elif status is not None and status >= 400:
+            # The client's error: named, but not the server span's failure (HTTP semconv).
+            attributes["error.type"] = self.error_type or str(status)
         span.set_attributes(attributes)
         span.end()
