@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from deploy.fleet import free_port
 from sluice.config import DeploymentConfig, ModelConfig, Settings, VirtualKeyConfig
-from sluice.tracing import build_tracing, otlp_endpoint
+from sluice.tracing import build_tracing, finish_reasons, otlp_endpoint
 
 from .rawclient import RawStream
 from .support import GatewayFactory, RunningSimulator, SimulatorFactory, chat_body, stream_chat, wait_until
@@ -181,6 +181,7 @@ async def test_a_request_without_traceparent_starts_a_trace_that_the_upstream_co
     attributes = dict(span.attributes or {})
     assert attributes["sluice.stream"] is False and attributes["sluice.outcome"] == "done"
     assert attributes["gen_ai.usage.output_tokens"] == 3 and attributes["http.response.status_code"] == 200
+    assert attributes["gen_ai.response.finish_reasons"] == (response.json()["choices"][0]["finish_reason"],)
     assert "sluice.ttft" not in attributes and event_names(span) == []
 
 
@@ -550,3 +551,10 @@ async def test_a_request_that_fails_before_its_head_is_an_error_span_with_its_re
     assert attributes["error.type"] == response.json()["error"]["code"]
     assert attributes["http.response.status_code"] == 502 and attributes["sluice.outcome"].startswith("error:")
     assert [e["sluice.attempt"] for e in (dict(e.attributes or {}) for e in span.events)] == [2]
+
+
+def test_finish_reasons_are_read_as_each_api_writes_them() -> None:
+    assert finish_reasons({"choices": [{"finish_reason": "stop"}, {"finish_reason": "length"}]}) == ["stop", "length"]
+    assert finish_reasons({"type": "message", "stop_reason": "end_turn"}) == ["end_turn"]
+    assert finish_reasons({"object": "response", "status": "incomplete"}) == ["incomplete"]
+    assert finish_reasons({"object": "list", "data": []}) == []

@@ -289,7 +289,10 @@ async def _complete(
         stats.deployment = deployment.name
         if stats.trace is not None:
             stats.trace.served_by(deployment)
-        stats.usage_completion_tokens, stats.usage_input_tokens = _usage(upstream_response.content)
+        answer = _json_object(upstream_response.content)
+        stats.usage_completion_tokens, stats.usage_input_tokens = _usage(answer)
+        if stats.trace is not None:
+            stats.trace.answered(answer)
     finally:
         stats.ended_at = trio.current_time()
         metrics.stream_finished(stats)
@@ -301,12 +304,18 @@ async def _complete(
     return response
 
 
-def _usage(content: bytes) -> tuple[int | None, int | None]:
-    """(output, input) tokens of a non-streamed answer, whatever the API calls them."""
+def _json_object(content: bytes) -> dict[str, Any]:
+    """A non-streamed answer's JSON object (``{}`` when it is none)."""
     try:
-        usage = json.loads(content).get("usage") or {}
-    except (ValueError, AttributeError):
-        return None, None
+        document = json.loads(content)
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _usage(answer: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(output, input) tokens of a non-streamed answer, whatever the API calls them."""
+    usage = answer.get("usage") or {}
     if not isinstance(usage, dict):
         return None, None
     output = usage.get("completion_tokens", usage.get("output_tokens"))

@@ -142,6 +142,18 @@ def client_trace_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]
     return found
 
 
+def finish_reasons(answer: Mapping[str, Any]) -> list[str]:
+    """Why a non-streamed answer ended, as each API says it: ``choices[].finish_reason``, ``stop_reason``, ``status``."""
+    choices = answer.get("choices")
+    if isinstance(choices, list):
+        return [c["finish_reason"] for c in choices if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
+    for name in ("stop_reason", "status"):  # Anthropic Messages; OpenAI Responses
+        value = answer.get(name)
+        if isinstance(value, str):
+            return [value]
+    return []
+
+
 class Tracing:
     """One worker's tracer, and how a request's span starts."""
 
@@ -262,6 +274,14 @@ class RequestTrace:
 
     def served_by(self, deployment: Deployment) -> None:
         self._deployment = deployment
+
+    def answered(self, answer: Mapping[str, Any]) -> None:
+        """A non-streamed answer: its finish reasons (chat/completions per choice; Messages' stop_reason)."""
+        if not self.span.is_recording():
+            return
+        reasons = finish_reasons(answer)
+        if reasons:
+            self.span.set_attribute("gen_ai.response.finish_reasons", reasons)
 
     def client_disconnected(self) -> None:
         self.span.add_event("sluice.client_disconnect")
