@@ -407,6 +407,7 @@ def test_tracing_is_on_exactly_when_an_endpoint_is_configured(monkeypatch: pytes
     assert otlp_endpoint(Settings(otel_endpoint="http://collector:4318")) == "http://collector:4318"
     assert otlp_endpoint(Settings(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == "http://c:4318"
     assert otlp_endpoint(Settings(), {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}) is not None
+    assert otlp_endpoint(Settings(otel_endpoint="http://c:4318"), {"OTEL_SDK_DISABLED": "true"}) is None
     monkeypatch.setenv("SLUICE_OTEL_ENDPOINT", "http://127.0.0.1:4318")
     assert Settings().otel_endpoint == "http://127.0.0.1:4318"
     with pytest.raises(ValueError):
@@ -558,3 +559,22 @@ def test_finish_reasons_are_read_as_each_api_writes_them() -> None:
     assert finish_reasons({"type": "message", "stop_reason": "end_turn"}) == ["end_turn"]
     assert finish_reasons({"object": "response", "status": "incomplete"}) == ["incomplete"]
     assert finish_reasons({"object": "list", "data": []}) == []
+
+
+async def test_a_client_that_sampled_its_trace_out_is_followed_and_its_trace_still_reaches_the_upstream(
+    start_gateway: GatewayFactory, simulator: RunningSimulator, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    gateway = await start_gateway(tracer_provider=provider)
+    not_sampled = CLIENT_TRACEPARENT[:-2] + "00"
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        _, sse = await stream_chat(http, chat_body("sim:tokens=2"), headers={"traceparent": not_sampled})
+    assert sse.ended_with_done
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0 and not gateway.state.relays)
+    version, trace_id, parent_id, flags = simulator.stats.records[-1]["traceparent"].split("-")
+    assert int(trace_id, 16) == CLIENT_TRACE_ID and int(parent_id, 16) != CLIENT_SPAN_ID and flags == "00"
+    # A sampled request after it: its span is the only one (parent-based sampling kept the client's "no").
+    sampled = "00-11111111111111111111111111111111-2222222222222222-01"
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        await stream_chat(http, chat_body("sim:tokens=2"), headers={"traceparent": sampled})
+    span = await ended_span(exporter)
+    assert span.context.trace_id == 0x11111111111111111111111111111111

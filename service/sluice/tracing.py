@@ -9,7 +9,7 @@ environment it reads as it always does: ``OTEL_SERVICE_NAME`` and
 ``OTEL_RESOURCE_ATTRIBUTES`` (``otel_service_name``, when set, wins;
 ``sluice`` when nothing names the service),
 ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_TRACES_SAMPLER(_ARG)``,
-``OTEL_BSP_*``. The OTLP/HTTP exporter appends ``/v1/traces`` to a base
+``OTEL_BSP_*``; ``OTEL_SDK_DISABLED=true`` turns tracing off. The OTLP/HTTP exporter appends ``/v1/traces`` to a base
 endpoint; ``otel_endpoint`` is a base endpoint too.
 
 Each request gets a :class:`RequestTrace`: the span (a child of the
@@ -94,7 +94,13 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def otlp_endpoint(settings: Settings, environ: Mapping[str, str] = os.environ) -> str | None:
-    """Where spans go, or ``None``: tracing is off. ``otel_endpoint`` first, then the SDK's variables."""
+    """Where spans go, or ``None``: tracing is off. ``otel_endpoint`` first, then the SDK's variables.
+
+    ``OTEL_SDK_DISABLED=true`` turns it off whatever is configured, as it turns off any SDK (and
+    the client's own context still passes through, which a disabled SDK's no-op spans would drop).
+    """
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
     if settings.otel_endpoint:
         return settings.otel_endpoint
     for name in OTLP_ENDPOINT_VARIABLES:
