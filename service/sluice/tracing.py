@@ -69,8 +69,6 @@ log = logging.getLogger("sluice.tracing")
 OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 #: ``service.name`` when neither ``otel_service_name`` nor the environment names one
 DEFAULT_SERVICE_NAME = "sluice"
-#: the W3C headers a trace travels in
-TRACE_HEADERS = ("traceparent", "tracestate")
 
 #: ``gen_ai.operation.name`` per route (GenAI semantic conventions; count_tokens has no standard name)
 OPERATIONS = {
@@ -140,11 +138,13 @@ def build_tracing(settings: Settings, provider: TracerProvider | None = None) ->
 
 def client_trace_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     """The client's own W3C trace headers, to pass on unchanged when the gateway does not trace."""
-    found = []
-    for name in TRACE_HEADERS:
-        value = headers.get(name)
-        if value:
-            found.append((name.encode(), value.encode("latin-1")))
+    traceparent = headers.get("traceparent")
+    if not traceparent:
+        return []  # a tracestate means nothing without it (W3C), and one lookup is the common case's cost
+    found = [(b"traceparent", traceparent.encode("latin-1"))]
+    tracestate = headers.get("tracestate")
+    if tracestate:
+        found.append((b"tracestate", tracestate.encode("latin-1")))
     return found
 
 
