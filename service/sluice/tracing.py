@@ -47,17 +47,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
-from opentelemetry.context import Context
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .metrics import Outcome
 from .upstream import failure_code
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
     from .config import Settings
     from .errors import SluiceError
     from .metrics import StreamStats
@@ -88,9 +86,6 @@ _REQUEST_FIELDS = (
     ("top_p", "gen_ai.request.top_p"),
 )
 
-_PROPAGATOR = TraceContextTextMapPropagator()
-
-
 def otlp_endpoint(settings: Settings, environ: Mapping[str, str] = os.environ) -> str | None:
     """Where spans go, or ``None``: tracing is off. ``otel_endpoint`` first, then the SDK's variables.
 
@@ -117,8 +112,12 @@ def build_tracing(settings: Settings, provider: TracerProvider | None = None) ->
         return Tracing(provider, owned=False, flush_timeout=settings.otel_flush_timeout)
     if otlp_endpoint(settings) is None:
         return None
-    # Imported only when tracing is on: the exporter pulls in requests and protobuf.
+    # Imported only when tracing is on (off costs no memory either: the SDK, the exporter,
+    # requests and protobuf are ~9 MB of a worker's RSS).
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, as in every SDK
     if settings.otel_service_name is not None:
@@ -164,21 +163,26 @@ class Tracing:
     """One worker's tracer, and how a request's span starts."""
 
     def __init__(self, provider: TracerProvider, *, owned: bool, flush_timeout: float = 5.0) -> None:
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
         self.provider = provider
         self._owned = owned
         self._flush_timeout = flush_timeout
         self._tracer = provider.get_tracer("sluice")
+        self._propagator = TraceContextTextMapPropagator()
+        self._server = SpanKind.SERVER
 
     def start(self, headers: Mapping[str, str], method: str, route: str) -> RequestTrace:
         """The span of one request, a child of the client's ``traceparent`` when it sent one."""
-        parent = _PROPAGATOR.extract(headers) if "traceparent" in headers else None
+        parent = self._propagator.extract(headers) if "traceparent" in headers else None
         span = self._tracer.start_span(
             f"{method} {route}",
             context=parent,
-            kind=SpanKind.SERVER,
+            kind=self._server,
             attributes={"http.request.method": method, "http.route": route},
         )
-        return RequestTrace(span, route)
+        return RequestTrace(span, route, self._propagator)
 
     async def aclose(self) -> None:
         """Export what is still queued (bounded by ``otel_flush_timeout``) and stop the exporter's thread."""
@@ -202,12 +206,14 @@ class RequestTrace:
     """One request's SERVER span and what the relay tells it. Every call is per request or rarer."""
 
     __slots__ = (
-        "span", "route", "status_code", "error_type", "model", "key_name", "_request_fields", "_deployment", "_ended",
+        "span", "route", "status_code", "error_type", "model", "key_name",
+        "_propagator", "_request_fields", "_deployment", "_ended",
     )
 
-    def __init__(self, span: Span, route: str) -> None:
+    def __init__(self, span: Span, route: str, propagator: TraceContextTextMapPropagator) -> None:
         self.span = span
         self.route = route
+        self._propagator = propagator
         #: the response status the client was sent (set when the response head is made)
         self.status_code: int | None = None
         #: the code of the gateway error the client was answered with, if any (``model_not_found``...)
@@ -222,8 +228,11 @@ class RequestTrace:
 
     def upstream_headers(self) -> list[tuple[bytes, bytes]]:
         """``traceparent`` (and ``tracestate``) naming this span as the upstream request's parent."""
+        from opentelemetry.context import Context
+        from opentelemetry.trace import set_span_in_context
+
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=set_span_in_context(self.span, Context()))
+        self._propagator.inject(carrier, context=set_span_in_context(self.span, Context()))
         return [(name.encode(), value.encode("latin-1")) for name, value in carrier.items()]
 
     def request(self, model: str, body: Mapping[str, Any]) -> None:
@@ -353,6 +362,8 @@ class RequestTrace:
         if error_type is None and status is not None and status >= 500:
             error_type = self.error_type or str(status)
         if error_type is not None:
+            from opentelemetry.trace import Status, StatusCode
+
             attributes["error.type"] = error_type
             span.set_status(Status(StatusCode.ERROR, error_type))
         elif status is not None and status >= 400:
