@@ -115,6 +115,16 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
             [("stream", {"streams": 32, "model": "sim:tokens=1", "repeat_s": 1.0 if smoke else 5.0})],
             1, kind="requests", gateways=("sluice", "sluice-features"), repeats=rounds, median_of="cpu_per_request_ms",
         ),
+        # Tracing on (every span exported over OTLP/HTTP to a sink) against off: its cost per token and per request.
+        "tracing": Scenario(
+            "tracing", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens,
+            gateways=("sluice", "sluice-otel"), repeats=rounds,
+        ),
+        "tracing-requests": Scenario(
+            "tracing-requests",
+            [("stream", {"streams": 32, "model": "sim:tokens=1", "repeat_s": 1.0 if smoke else 5.0})],
+            1, kind="requests", gateways=("sluice", "sluice-otel"), repeats=rounds, median_of="cpu_per_request_ms",
+        ),
         "workers-throughput": Scenario(
             "workers-throughput", [("64x512", {"streams": 64, "model": "sim:tokens=512"})], 512,
             gateways=("sluice", "sluice-2w"), repeats=rounds, median_of="tokens_per_s",

@@ -17,6 +17,9 @@
   hedge armed on every stream (it never fires: tokens come in time, so the
   race's bookkeeping is what is measured), a virtual key with limits on
   every request, and Prometheus metrics (always on).
+* ``sluice-otel``: ``sluice`` with OpenTelemetry tracing on, configured as
+  users do (``OTEL_EXPORTER_OTLP_ENDPOINT``), exporting every span over
+  OTLP/HTTP to benchmarks/otlp_sink.py on the load core.
 * ``sluice-2w``: ``sluice serve --workers 2`` (both cores: the gateway is
   then not alone on its core, so compare its throughput, not its CPU).
 
@@ -43,7 +46,7 @@ from .procs import GATEWAY_CORE, LOAD_CORE, free_port, http_json, start, stop, w
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GATEWAYS = ("direct", "hypercorn-floor", "stack-floor", "quart-floor", "nginx", "sluice")
 #: measured only when asked for (--gateways), or by the scenarios that compare them
-EXTRA_GATEWAYS = ("trio-floor", "sluice-features", "sluice-2w")
+EXTRA_GATEWAYS = ("trio-floor", "sluice-features", "sluice-2w", "sluice-otel")
 #: the reference of issue 17's targets: every ratio in the report is to it
 REFERENCE = "hypercorn-floor"
 UPSTREAMS = ("fast", "simulator")
@@ -144,12 +147,32 @@ def upstream(kind: str = "fast") -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def target(name: str, upstream_port: int, sluice_args: list[str] | None = None) -> Iterator[Target]:
+def otlp_sink() -> Iterator[str]:
+    """benchmarks/otlp_sink.py on the load core; its base URL (OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    port = free_port()
+    process = start([sys.executable, "-m", "benchmarks.otlp_sink", str(port)], LOAD_CORE, env={"PYTHONPATH": ROOT})
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def target(
+    name: str, upstream_port: int, sluice_args: list[str] | None = None, extra_env: dict[str, str] | None = None
+) -> Iterator[Target]:
     if name == "direct":
         yield Target(name, f"http://127.0.0.1:{upstream_port}", None)
         return
     port = free_port()
     workdir = None
+    env = {"PYTHONPATH": ROOT, "SLUICE_BENCH_KEY": BENCH_KEY}
+    if name == "sluice-otel":
+        with otlp_sink() as sink_url, target("sluice", upstream_port, sluice_args, {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url}) as traced:
+            yield Target(name, traced.url, traced.pid)
+        return
+    env.update(extra_env or {})
     if name == "hypercorn-floor":
         cmd = [sys.executable, "-m", "benchmarks.hypercorn_floor", str(port), str(upstream_port)]
     elif name == "trio-floor":
@@ -190,7 +213,7 @@ def target(name: str, upstream_port: int, sluice_args: list[str] | None = None) 
     else:
         raise ValueError(name)
     cores = f"{GATEWAY_CORE},{LOAD_CORE}" if name == "sluice-2w" else GATEWAY_CORE
-    process = start(cmd, cores, env={"PYTHONPATH": ROOT, "SLUICE_BENCH_KEY": BENCH_KEY})
+    process = start(cmd, cores, env=env)
     try:
         wait_port(port)
         if name == "sluice-2w":

@@ -63,10 +63,10 @@ def start_simulator(nursery: trio.Nursery) -> Callable[[], Awaitable[RunningSimu
 def start_gateway(nursery: trio.Nursery, simulator: RunningSimulator, close_raw_clients: None) -> GatewayFactory:
     """Start a gateway with the given settings, pointed at the simulator by default."""
 
-    async def start(**overrides: Any) -> Gateway:
+    async def start(tracer_provider: Any = None, **overrides: Any) -> Gateway:
         overrides.setdefault("upstream_base_url", simulator.base_url)
         settings = Settings(host="127.0.0.1", port=0, **overrides)
-        app = create_app(settings)
+        app = create_app(settings, tracer_provider)
         binds = await nursery.start(serve, app, hypercorn_config(settings, listening_socket(settings)))
         return Gateway(url=binds[0], state=app.extensions["sluice"], settings=settings)
 

@@ -33,7 +33,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, g, request
@@ -55,9 +55,13 @@ from .prometheus import PrometheusMetrics
 from .redaction import Scrubber
 from .relay import StreamRelay
 from .router import Deployment, Router, RouterEvents
-from .routes import EXCHANGE_SCOPE_KEY, STREAMING_APIS, Exchange, api, grammar_for_path
+from .routes import EXCHANGE_SCOPE_KEY, STREAMING_APIS, Exchange, api, exchange, grammar_for_path
 from .simulator import Simulator, SimulatorLimits
+from .tracing import Tracing, build_tracing
 from .upstream import failure_code
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("sluice")
 
@@ -86,6 +90,8 @@ class GatewayState:
     scrubber: Scrubber = field(default_factory=Scrubber)
     #: the provider keys only (what an upstream was ever sent): scrubbed from streamed content
     stream_scrubber: Scrubber = field(default_factory=Scrubber)
+    #: OpenTelemetry, when an endpoint is configured; ``None`` = off, and free
+    tracing: Tracing | None = None
 
     def __post_init__(self) -> None:
         self.prometheus = PrometheusMetrics(
@@ -135,6 +141,8 @@ async def _release(state: GatewayState, held: Exchange) -> None:
         tokens = held.stats.token_count if held.stats is not None else 0
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             await state.limits.release(key, lease, tokens)
+    if held.trace is not None:
+        held.trace.end(held.stats)
 
 
 class SluiceApp(QuartTrio):
@@ -162,7 +170,8 @@ _HTTP_ERRORS: dict[int, type[errors.SluiceError]] = {
 }
 
 
-def create_app(settings: Settings) -> SluiceApp:
+def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> SluiceApp:
+    """The gateway app; ``tracer_provider`` replaces the one the settings would build (tests read its spans)."""
     app = SluiceApp("sluice")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -170,6 +179,7 @@ def create_app(settings: Settings) -> SluiceApp:
         RESPONSE_TIMEOUT=None,  # streams are long; their own deadlines bound them
     )
     state = GatewayState(settings)
+    state.tracing = tracing = build_tracing(settings, tracer_provider)
     app.extensions["sluice"] = state
     provider_keys = [
         settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None,
@@ -241,6 +251,8 @@ def create_app(settings: Settings) -> SluiceApp:
             await state.router.aclose()
         if state.simulator_scope is not None:
             state.simulator_scope.cancel()
+        if tracing is not None:
+            await tracing.aclose()  # the last spans, bounded by otel_flush_timeout
 
     keys = state.keys
 
@@ -251,6 +263,11 @@ def create_app(settings: Settings) -> SluiceApp:
         g.started_at = trio.current_time()
         g.key = None
         g.api = next((a.grammar.name for a in STREAMING_APIS if a.path == request.path), None)
+        trace = None
+        if tracing is not None and request.path.startswith("/v1/"):
+            rule = request.url_rule
+            trace = tracing.start(request.headers, request.method, rule.rule if rule is not None else request.path)
+            exchange().trace = trace
         if not keys.enabled or not request.path.startswith("/v1/"):
             return
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
@@ -263,6 +280,8 @@ def create_app(settings: Settings) -> SluiceApp:
                 headers={"www-authenticate": "Bearer"},
             )
         g.key = key
+        if trace is not None:
+            trace.key_name = key.name
 
     @app.after_request
     async def tag_and_log(response: Response) -> Response:
@@ -274,6 +293,8 @@ def create_app(settings: Settings) -> SluiceApp:
             # refuses it. Closing after each response sends the proxy elsewhere.
             response.headers["connection"] = "close"
         held: Exchange | None = request.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+        if held is not None and held.trace is not None:
+            held.trace.status_code = response.status_code
         if held is None or held.stats is None:
             # Streams and completions log their own line when they end; this is everything else.
             if request.path.startswith("/v1/") or response.status_code >= 400:
@@ -306,6 +327,10 @@ def create_app(settings: Settings) -> SluiceApp:
 
     @app.errorhandler(errors.SluiceError)
     async def on_sluice_error(error: errors.SluiceError) -> Response:
+        if tracing is not None:
+            held: Exchange | None = request.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+            if held is not None and held.trace is not None:
+                held.trace.error_type = error.code
         # An upstream's error body, or its words in the message, may quote a key.
         return error_response(error, state.scrubber)
 

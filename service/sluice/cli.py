@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stream-buffer-bytes", type=int, help="bytes one stream's relay may hold before its backpressure policy acts [SLUICE_STREAM_BUFFER_BYTES, default 65536]")
     serve.add_argument("--memory-budget-bytes", type=int, help="bytes all streams' relays may hold before new streams get 503 [SLUICE_MEMORY_BUDGET_BYTES, default max_streams x stream_buffer_bytes]")
     serve.add_argument("--redis-url", help="Redis shared by workers and instances for key limits and cooldowns, e.g. redis://127.0.0.1:6379/0 [SLUICE_REDIS_URL; default: in-process]")
+    serve.add_argument("--otel-endpoint", help="OTLP/HTTP collector base URL; turns tracing on (/v1/traces is appended) [SLUICE_OTEL_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT; default: off]")
+    serve.add_argument("--otel-service-name", help="service.name of the gateway's spans [SLUICE_OTEL_SERVICE_NAME; default: OTEL_SERVICE_NAME, else sluice]")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR [SLUICE_LOG_LEVEL, default INFO]")
 
     simulate = commands.add_parser(

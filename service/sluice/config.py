@@ -208,6 +208,15 @@ class Settings(BaseSettings):
     #: longest a simulated answer may be scheduled to take (ttft + itl x tokens + stall), seconds
     simulator_max_stream_seconds: float = Field(default=600.0, gt=0)
 
+    # --- tracing (OpenTelemetry) ----------------------------------------------------------
+    #: OTLP/HTTP base endpoint (``http://collector:4318``; ``/v1/traces`` is appended); tracing is on
+    #: when this or OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set
+    otel_endpoint: str | None = None
+    #: the ``service.name`` of the gateway's spans; unset = OTEL_SERVICE_NAME, else "sluice"
+    otel_service_name: str | None = None
+    #: how long shutdown waits for the last spans to be exported (seconds)
+    otel_flush_timeout: float = Field(default=5.0, ge=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = "INFO"
 
     # --- routing (config file) -------------------------------------------------------
@@ -231,6 +240,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _an_http_endpoint(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("otel_endpoint must start with http:// or https://")
+        return value.strip()
 
     @field_validator("upstream_base_url")
     @classmethod

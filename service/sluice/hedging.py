@@ -20,7 +20,9 @@ Invariants:
   ``WON``/``LOST`` at the claim, or ``FAILED`` (the hedge could not open, or
   neither request produced a token).
 * If no producer claims the stream, it fails as the first failed request did.
-* Cost: nothing per token; a claim once per producer.
+* Cost: nothing per token; a claim once per producer. The request's trace
+  (when tracing is on) hears of the first token, the hedge's start and the
+  claim, each once.
 """
 
 from __future__ import annotations
@@ -84,8 +86,14 @@ class ProducerRace:
             stats.deployment = producer.opened.deployment.name
         if self._observe_first_token is not None:
             self._observe_first_token(stats.first_token_at - stats.started_at)
+        trace = stats.trace
+        deployment = producer.opened.deployment if producer.opened is not None else None
+        if trace is not None:
+            trace.first_token(deployment)
         if stats.hedge is HedgeState.STARTED:
             stats.hedge = HedgeState.WON if producer.is_hedge else HedgeState.LOST
+            if trace is not None:
+                trace.hedge_claimed(producer.is_hedge, deployment)
         self._timer.cancel()
         for other in self.producers:
             if other is not producer:
@@ -109,6 +117,8 @@ class ProducerRace:
                 hedge = Producer(opened, is_hedge=True)
                 self.producers.append(hedge)
                 stats.hedge = HedgeState.STARTED
+                if stats.trace is not None:
+                    stats.trace.hedge_started(opened.deployment)
                 race.start_soon(self._contend, race, pump, hedge)
         if stats.hedge is HedgeState.STARTED:
             stats.hedge = HedgeState.FAILED  # started, and neither request produced a token

@@ -25,6 +25,7 @@ import trio
 
 if TYPE_CHECKING:
     from .prometheus import PrometheusMetrics
+    from .tracing import RequestTrace
 
 
 class Outcome(enum.Enum):
@@ -81,6 +82,8 @@ class StreamStats:
     hedge: HedgeState = HedgeState.NONE
     #: the stream's producer ran (its upstream request opened)
     streamed: bool = False
+    #: the request's span when tracing is on (told of rare moments only; never per token)
+    trace: RequestTrace | None = None
 
     def end_with_error(self, code: str | None) -> None:
         """The stream ended with the client-visible error ``code``."""

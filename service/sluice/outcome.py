@@ -8,7 +8,9 @@ Invariants:
   API's clean end. :func:`last_bytes` chooses it and sets the outcome.
 * Whatever is still running when the stream is released was cut by the
   client: :func:`settle` records that, the stream's peaks, and the one log
-  line, once (the relay calls it from its idempotent ``release``).
+  line, once (the relay calls it from its idempotent ``release``). The
+  request's trace (when tracing is on) hears of the error event or the
+  disconnect here; its span ends with the request (``app._release``).
 * The stream's counts come from the framer of the request that served it,
   copied once per stream end (:func:`account`), never per token.
 """
@@ -59,9 +61,13 @@ def last_bytes(
     if upstream_error_event is not None:
         stats.end_with_error("upstream_error_event")
         terminal = upstream_error_event
+        if stats.trace is not None:
+            stats.trace.error_event("upstream_error_event")
     elif error is not None:
         stats.end_with_error(error.code)
         terminal = framer.error_event(error)
+        if stats.trace is not None:
+            stats.trace.error_event(error.code or "error")
     else:
         stats.outcome = Outcome.DONE
         terminal = framer.terminal
@@ -73,5 +79,7 @@ def settle(stats: StreamStats, metrics: GatewayMetrics) -> None:
     stats.ended_at = trio.current_time()
     if stats.outcome is Outcome.RUNNING:
         stats.outcome = Outcome.CLIENT_DISCONNECT
+        if stats.trace is not None:
+            stats.trace.client_disconnected()
     metrics.stream_finished(stats)
     log.info({"event": "stream", **stats.figures()})

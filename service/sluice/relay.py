@@ -402,7 +402,7 @@ class StreamRelay(ResponseBody):
                     finally:
                         await body.aclose()
             except httpx2.HTTPError as exc:
-                if await self._reopen_if_untouched(producer):
+                if await self._reopen_if_untouched(producer, type(exc).__name__):
                     framer = self._renew_framer(producer)
                     continue
                 raise StreamInterrupted(
@@ -418,7 +418,7 @@ class StreamRelay(ResponseBody):
             if framer.upstream_error is not None and not producer.forwarded:
                 # An error event before any content (Anthropic's overloaded_error in
                 # a 200, say): another deployment may well succeed.
-                if await self._reopen_if_untouched(producer):
+                if await self._reopen_if_untouched(producer, "upstream_error_event"):
                     framer = self._renew_framer(producer)
                     continue
             break
@@ -454,8 +454,8 @@ class StreamRelay(ResponseBody):
             while await body.read():
                 pass
 
-    async def _reopen_if_untouched(self, producer: Producer) -> bool:
-        """Retry a request that broke before any of its body reached the client."""
+    async def _reopen_if_untouched(self, producer: Producer, reason: str) -> bool:
+        """Retry a request that broke (``reason``) before any of its body reached the client."""
         if producer.forwarded or self._reopens_left <= 0:
             return False
         self._reopens_left -= 1
@@ -466,4 +466,7 @@ class StreamRelay(ResponseBody):
             producer.opened = await self._open_retry(failed)
         else:
             producer.opened = await self._open_upstream()
+        trace = self.stats.trace
+        if trace is not None:
+            trace.reopened(failed, reason, producer.opened.deployment)
         return True

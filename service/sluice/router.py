@@ -32,7 +32,9 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+import functools
+from typing import Protocol, TypeVar
+
 import httpx2
 import trio
 
@@ -79,6 +81,8 @@ class Deployment:
     weight: float = 1.0
     #: the client APIs it serves (``chat``, ``responses``, ``messages``...)
     apis: frozenset[str] = frozenset({"chat", "completions", "responses", "messages", "embeddings"})
+    #: whose API it speaks (``gen_ai.provider.name`` in traces)
+    provider: str = "openai"
     active: int = 0
     consecutive_failures: int = 0
     cooldown_until: float = float("-inf")
@@ -139,6 +143,14 @@ class UpstreamCall:
 
 
 CHAT_CALL = UpstreamCall("chat", "/chat/completions")
+
+
+class AttemptObserver(Protocol):
+    """What one request hears of its own upstream attempts (its trace); called only on a retry or fallback."""
+
+    def retrying(self, deployment: Deployment, code: str, attempt: int) -> None: ...
+
+    def falling_back(self, failed: Deployment, error: errors.SluiceError, to: Deployment) -> None: ...
 
 
 @dataclass
@@ -216,6 +228,7 @@ class Router:
                     upstream_model=config.model or (None if model.name == WILDCARD else model.name),
                     weight=config.weight,
                     apis=config.served_apis,
+                    provider=config.provider,
                 )
             )
         return ModelRoute(
@@ -317,16 +330,22 @@ class Router:
         on_attempt: Callable[[], None] | None = None,
         exclude: Iterable[Deployment] = (),
         with_fallbacks: bool = True,
+        observer: AttemptObserver | None = None,
     ) -> OpenedStream:
         """Open a streaming request on the first deployment that answers 2xx."""
         call = call or CHAT_CALL
 
         async def attempt(deployment: Deployment) -> OpenedStream:
             body = request.body_for_model(deployment.upstream_model)
-            response = await deployment.client.open_stream(call.path, body, headers=call.headers, on_attempt=on_attempt)
+            response = await deployment.client.open_stream(
+                call.path, body, headers=call.headers, on_attempt=on_attempt,
+                on_retry=functools.partial(observer.retrying, deployment) if observer is not None else None,
+            )
             return OpenedStream(response, deployment)
 
-        return await self._first_success(self._attempt_order(route, exclude, with_fallbacks, call.api), attempt)
+        return await self._first_success(
+            self._attempt_order(route, exclude, with_fallbacks, call.api), attempt, observer
+        )
 
     async def complete(
         self,
@@ -335,6 +354,7 @@ class Router:
         *,
         call: UpstreamCall | None = None,
         on_attempt: Callable[[], None] | None = None,
+        observer: AttemptObserver | None = None,
     ) -> tuple[httpx2.Response, Deployment]:
         """A non-streaming request on the first deployment that answers 2xx."""
         call = call or CHAT_CALL
@@ -343,21 +363,30 @@ class Router:
             body = request.body_for_model(deployment.upstream_model)
             deployment.active += 1  # busy while it runs, for least_busy
             try:
-                response = await deployment.client.complete(call.path, body, headers=call.headers, on_attempt=on_attempt)
+                response = await deployment.client.complete(
+                    call.path, body, headers=call.headers, on_attempt=on_attempt,
+                    on_retry=functools.partial(observer.retrying, deployment) if observer is not None else None,
+                )
                 return response, deployment
             finally:
                 deployment.active -= 1
 
-        return await self._first_success(self._attempt_order(route, (), True, call.api), attempt)
+        return await self._first_success(self._attempt_order(route, (), True, call.api), attempt, observer)
 
     async def _first_success(
-        self, order: list[Deployment], attempt: Callable[[Deployment], Awaitable[_T]]
+        self,
+        order: list[Deployment],
+        attempt: Callable[[Deployment], Awaitable[_T]],
+        observer: AttemptObserver | None = None,
     ) -> _T:
         """Try ``attempt`` on each deployment in order until one succeeds or fails for the client's own reason."""
         last_error: errors.SluiceError | None = None
+        last_failed: Deployment | None = None
         for index, deployment in enumerate(order):
             if index:
                 self.events.fell_back(deployment)
+                if observer is not None and last_failed is not None and last_error is not None:
+                    observer.falling_back(last_failed, last_error, deployment)
             try:
                 result = await attempt(deployment)
             except errors.SluiceError as exc:
@@ -365,6 +394,7 @@ class Router:
                     raise
                 self._failed(deployment, exc)
                 last_error = exc
+                last_failed = deployment
                 continue
             self._succeeded(deployment)
             return result

@@ -45,9 +45,11 @@ from .wire.grammar import Grammar, ParsedRequest
 from .wire.openai import check_model_name_length, load_json_object
 from .wire.request import ForwardedRequest
 from .wire.responses import RESPONSES
+from .tracing import client_trace_headers
 
 if TYPE_CHECKING:
     from .app import GatewayState
+    from .tracing import RequestTrace
 
 api = Blueprint("api", __name__)
 stream_log = logging.getLogger("sluice.stream")
@@ -85,6 +87,8 @@ class Exchange:
     relay: StreamRelay | None = None
     #: (key, lease) of a limited virtual key, released with the stream's tokens
     admitted: tuple[Any, Any] | None = None
+    #: the request's span (tracing on only), ended when the request is released
+    trace: RequestTrace | None = None
 
 
 EXCHANGE_SCOPE_KEY = "sluice.exchange"
@@ -107,15 +111,27 @@ def _state() -> GatewayState:
     return current_app.extensions["sluice"]  # type: ignore[no-any-return]
 
 
-def _call(grammar: Grammar, path: str | None = None) -> UpstreamCall:
-    headers: list[tuple[bytes, bytes]] | None = None
+def _trace(state: GatewayState) -> RequestTrace | None:
+    """This request's span, when tracing is on (started by the app's ``identify``)."""
+    if state.tracing is None:
+        return None
+    return exchange().trace
+
+
+def trace_headers(trace: RequestTrace | None) -> list[tuple[bytes, bytes]]:
+    """W3C context for the upstream: the gateway's span when tracing, else the client's own headers as they came."""
+    return trace.upstream_headers() if trace is not None else client_trace_headers(request.headers)
+
+
+def _call(grammar: Grammar, trace: RequestTrace | None, path: str | None = None) -> UpstreamCall:
+    headers = trace_headers(trace)
     if grammar is MESSAGES:
         version = request.headers.get("anthropic-version")
-        headers = [(b"anthropic-version", version.encode() if version else ANTHROPIC_VERSION)]
+        headers.append((b"anthropic-version", version.encode() if version else ANTHROPIC_VERSION))
         beta = request.headers.get("anthropic-beta")
         if beta:
             headers.append((b"anthropic-beta", beta.encode()))
-    return UpstreamCall(grammar.name, path or grammar.upstream_path, headers)
+    return UpstreamCall(grammar.name, path or grammar.upstream_path, headers or None)
 
 
 # --- streaming APIs ---------------------------------------------------------------------
@@ -128,6 +144,9 @@ async def relay_api(grammar: Grammar) -> Response:
     raw = await request.get_data(cache=False)
     parsed = grammar.parse_request(raw, max_model_name_length=settings.max_model_name_length)  # type: ignore[arg-type]
     g.model = parsed.model_name
+    trace = _trace(state)
+    if trace is not None:
+        trace.request(parsed.model_name, parsed.body)
     policy = choose_backpressure(
         request.headers.get(BACKPRESSURE_HEADER), parsed.backpressure_strategy, settings.backpressure
     )
@@ -135,7 +154,7 @@ async def relay_api(grammar: Grammar) -> Response:
     assert router is not None
     route = router.route(parsed.model_name, grammar.name)
     stats = await _admit(state, parsed, policy.value, grammar.name)
-    call = _call(grammar)
+    call = _call(grammar, trace)
 
     def count_attempt() -> None:
         stats.upstream_attempts += 1
@@ -144,18 +163,21 @@ async def relay_api(grammar: Grammar) -> Response:
         return await _complete(state, router, route, parsed, stats, call, count_attempt)
 
     async def open_upstream() -> Any:
-        return await router.open_stream(route, parsed, call=call, on_attempt=count_attempt)
+        return await router.open_stream(route, parsed, call=call, on_attempt=count_attempt, observer=trace)
 
     async def open_retry(failed: Deployment) -> Any:
         # Elsewhere when the route has an elsewhere (an error event before any
         # content is often one deployment's trouble); else the same one again.
         if any(d is not failed for d in router.candidates(route, api=grammar.name)):
-            return await router.open_stream(route, parsed, call=call, on_attempt=count_attempt, exclude=(failed,))
+            return await router.open_stream(
+                route, parsed, call=call, on_attempt=count_attempt, exclude=(failed,), observer=trace
+            )
         return await open_upstream()
 
     async def open_hedge(primary: Deployment) -> Any:
         return await router.open_stream(
-            route, parsed, call=call, on_attempt=count_attempt, exclude=(primary,), with_fallbacks=False
+            route, parsed, call=call, on_attempt=count_attempt, exclude=(primary,), with_fallbacks=False,
+            observer=trace,
         )
 
     relay = StreamRelay(
@@ -226,7 +248,9 @@ async def _admit(state: GatewayState, parsed: ParsedRequest, policy: str, api_na
             raise
         exchange().admitted = (key, lease)
     stats = StreamStats(request_id=g.request_id, model=parsed.model_name, policy=policy, stream=parsed.stream, api=api_name)
-    exchange().stats = stats
+    held = exchange()
+    held.stats = stats
+    stats.trace = held.trace
     state.metrics.stream_started()
     return stats
 
@@ -245,7 +269,9 @@ async def _complete(
     timeout = state.settings.completion_timeout
     try:
         with trio.move_on_after(timeout) as deadline:
-            upstream_response, deployment = await router.complete(route, parsed, call=call, on_attempt=count_attempt)
+            upstream_response, deployment = await router.complete(
+                route, parsed, call=call, on_attempt=count_attempt, observer=stats.trace
+            )
         if deadline.cancelled_caught:
             raise errors.UpstreamTimeout(f"The upstream did not complete within {timeout:g} s.")
     except errors.SluiceError as exc:
@@ -254,12 +280,19 @@ async def _complete(
         raise
     except BaseException:
         stats.outcome = Outcome.CLIENT_DISCONNECT
+        if stats.trace is not None:
+            stats.trace.client_disconnected()
         raise
     else:
         stats.outcome = Outcome.DONE
         stats.first_token_at = trio.current_time()
         stats.deployment = deployment.name
-        stats.usage_completion_tokens, stats.usage_input_tokens = _usage(upstream_response.content)
+        if stats.trace is not None:
+            stats.trace.served_by(deployment)
+        answer = _json_object(upstream_response.content)
+        stats.usage_completion_tokens, stats.usage_input_tokens = _usage(answer)
+        if stats.trace is not None:
+            stats.trace.answered(answer)
     finally:
         stats.ended_at = trio.current_time()
         metrics.stream_finished(stats)
@@ -271,12 +304,18 @@ async def _complete(
     return response
 
 
-def _usage(content: bytes) -> tuple[int | None, int | None]:
-    """(output, input) tokens of a non-streamed answer, whatever the API calls them."""
+def _json_object(content: bytes) -> dict[str, Any]:
+    """A non-streamed answer's JSON object (``{}`` when it is none)."""
     try:
-        usage = json.loads(content).get("usage") or {}
-    except (ValueError, AttributeError):
-        return None, None
+        document = json.loads(content)
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _usage(answer: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(output, input) tokens of a non-streamed answer, whatever the API calls them."""
+    usage = answer.get("usage") or {}
     if not isinstance(usage, dict):
         return None, None
     output = usage.get("completion_tokens", usage.get("output_tokens"))
@@ -311,11 +350,14 @@ async def _relay_one(grammar: Grammar, api_name: str, path: str, parse: Any) -> 
     raw = await request.get_data(cache=False)
     parsed = parse(raw, max_model_name_length=settings.max_model_name_length)
     g.model = parsed.model_name
+    trace = _trace(state)
+    if trace is not None:
+        trace.request(parsed.model_name, parsed.body)
     router = state.router
     assert router is not None
     route = router.route(parsed.model_name, api_name)
     stats = await _admit(state, parsed, settings.backpressure.value, api_name)
-    call = UpstreamCall(api_name, path, _call(grammar).headers)
+    call = UpstreamCall(api_name, path, _call(grammar, trace).headers)
 
     def count_attempt() -> None:
         stats.upstream_attempts += 1
@@ -362,6 +404,7 @@ async def passthrough(rest: str) -> Response:
         for name, value in request.headers.items()
         if name.lower() in ("content-type", "accept", "openai-beta")
     ]
+    headers += trace_headers(_trace(state))
     target = f"/{rest}" + (f"?{request.query_string.decode()}" if request.query_string else "")
     upstream = await router.default_client.forward(request.method, target, body, headers)  # type: ignore[arg-type]
     response = Response(

@@ -56,6 +56,8 @@ from .policies import RETRIABLE_STATUSES, RetriableUpstreamError, RetryPolicy, p
 
 #: error bodies larger than this are cut; an error message is never megabytes
 _MAX_ERROR_BODY = 64 * 1024
+#: told before a retry: the failed attempt's code (``http_503``...) and the new attempt's number (2, 3...)
+OnRetry = Callable[[str, int], None]
 
 
 class UpstreamClient:
@@ -129,16 +131,28 @@ class UpstreamClient:
         await self._client.aclose()
 
     async def open_stream(
-        self, path: str, body: bytes, *, headers: list[tuple[bytes, bytes]] | None = None, on_attempt: Any = None
+        self,
+        path: str,
+        body: bytes,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        on_attempt: Any = None,
+        on_retry: OnRetry | None = None,
     ) -> httpx2.Response:
         """POST a streaming request; return the open 2xx response, retrying what qualifies."""
-        return await self._with_retries(self._open_stream_once, (path, body, headers), on_attempt)
+        return await self._with_retries(self._open_stream_once, (path, body, headers), on_attempt, on_retry)
 
     async def complete(
-        self, path: str, body: bytes, *, headers: list[tuple[bytes, bytes]] | None = None, on_attempt: Any = None
+        self,
+        path: str,
+        body: bytes,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        on_attempt: Any = None,
+        on_retry: OnRetry | None = None,
     ) -> httpx2.Response:
         """POST a non-streaming request; return the 2xx response with its body read."""
-        return await self._with_retries(self._complete_once, (path, body, headers), on_attempt)
+        return await self._with_retries(self._complete_once, (path, body, headers), on_attempt, on_retry)
 
     async def open_chat_stream(self, body: bytes, *, on_attempt: Any = None) -> httpx2.Response:
         return await self.open_stream("/chat/completions", body, on_attempt=on_attempt)
@@ -147,7 +161,14 @@ class UpstreamClient:
         return await self.complete("/chat/completions", body, on_attempt=on_attempt)
 
     async def forward(
-        self, method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]], *, on_attempt: Any = None
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        on_attempt: Any = None,
+        on_retry: OnRetry | None = None,
     ) -> httpx2.Response:
         """Relay one request as it is (any method, any ``/v1`` path); the upstream's answer, whatever its status.
 
@@ -155,7 +176,7 @@ class UpstreamClient:
         when retries are spent, the last answer is returned as it is.
         """
         try:
-            return await self._with_retries(self._forward_once, (method, path, body, headers), on_attempt)
+            return await self._with_retries(self._forward_once, (method, path, body, headers), on_attempt, on_retry)
         except _Relayed as relayed:
             return relayed.response
 
@@ -170,17 +191,24 @@ class UpstreamClient:
     async def list_models(self) -> httpx2.Response:
         return await self._with_retries(self._get_once, "models", None)
 
-    async def _with_retries(self, attempt_once: Any, arg: Any, on_attempt: Any) -> httpx2.Response:
+    async def _with_retries(
+        self, attempt_once: Any, arg: Any, on_attempt: Any, on_retry: OnRetry | None = None
+    ) -> httpx2.Response:
+        failed: str | None = None  # the last failed attempt's code, for ``on_retry``
         try:
             async for attempt in self.retry_policy.retrying():
                 with attempt:
                     if on_attempt is not None:
                         on_attempt()
+                    if failed is not None and on_retry is not None:
+                        on_retry(failed, attempt.retry_state.attempt_number)
                     try:
                         return await attempt_once(arg)
                     except (RetriableUpstreamError, SluiceError) as exc:
-                        if self.on_failure is not None:
-                            self.on_failure(failure_code(exc))
+                        if self.on_failure is not None or on_retry is not None:
+                            failed = failure_code(exc)
+                            if self.on_failure is not None:
+                                self.on_failure(failed)
                         raise
         except RetriableUpstreamError as exc:
             raise exc.cause from None

@@ -316,6 +316,10 @@ class Simulator:
         }
         if api.errors == "anthropic":
             record["anthropic_version"] = headers.get("anthropic-version")
+        if "traceparent" in headers:
+            # What a tracing upstream would continue (tests check the gateway's W3C context).
+            record["traceparent"] = headers["traceparent"]
+            record["tracestate"] = headers.get("tracestate")
         stats.records.append(record)
         try:
             await self._answer(conn, http, api, exchange, behaviour, plan, record)

@@ -44,8 +44,9 @@ split of every stream, with hypothesis):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import SluiceError
 
@@ -68,6 +69,11 @@ class ParsedRequest(Protocol):
 
     @property
     def stream(self) -> bool: ...
+
+    @property
+    def body(self) -> Mapping[str, Any]:
+        """The request's JSON object as parsed (read, never changed, by tracing)."""
+        ...
 
     @property
     def backpressure_strategy(self) -> str | None:
