@@ -4,7 +4,9 @@ Why httpx2 and not httpx 0.28.1: httpx2 is the maintained fork with the same
 API; its pool is single-pass (httpcore 1.0.9 rescans its pool per request,
 O(connections^2)) and a cancelled request does not leave a dead connection
 in the pool (httpcore issue 1093). ``tests/test_upstream_pool.py`` cancels
-many requests mid-body and checks the pool still serves.
+many requests mid-body and checks the pool still serves. The pool is httpcore2's
+with its idle-socket probe moved to the connection being used
+(:mod:`sluice.upstream_pool`).
 
 Invariants:
 
@@ -53,6 +55,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .policies import RETRIABLE_STATUSES, RetriableUpstreamError, RetryPolicy, parse_retry_after
+from .upstream_pool import UpstreamTransport
 
 #: error bodies larger than this are cut; an error message is never megabytes
 _MAX_ERROR_BODY = 64 * 1024
@@ -88,7 +91,7 @@ class UpstreamClient:
             # The read deadline is the relay's (first token, then idle between
             # reads), managed with one moving cancel scope per stream.
             timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
-            transport=httpx2.AsyncHTTPTransport(
+            transport=UpstreamTransport(
                 # Size the pool to the gateway's stream cap: stream N+1 must not
                 # queue behind a pool limit the gateway itself does not have.
                 limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
