@@ -203,3 +203,28 @@ async def test_a_request_probes_at_most_the_idle_connection_it_uses(nursery: tri
     assert server.connections == 16  # every request reused an idle connection
     assert 0 < probes <= 10  # one probe a request, on the connection it uses
     await upstream.aclose()
+
+
+async def test_a_first_attempt_that_succeeds_never_builds_a_retry_controller(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tenacity's controller costs ~60 us a request: only a retry pays for it.
+    server = KeepAliveServer()
+    await nursery.start(server.serve)
+    upstream = _client_for(server, max_connections=4)
+    upstream.retry_policy = RetryPolicy(max_attempts=3)
+    built: list[RetryPolicy] = []
+    retrying = RetryPolicy.retrying
+
+    def recording(self: RetryPolicy, **kwargs: object) -> object:
+        built.append(self)
+        return retrying(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RetryPolicy, "retrying", recording)
+    with trio.fail_after(10):
+        response = await upstream.complete("/chat/completions", b"{}")
+        assert response.status_code == 200
+        stream = await upstream.open_stream("/chat/completions", b"{}")
+        await stream.aclose()
+    assert built == []
+    await upstream.aclose()
