@@ -273,7 +273,7 @@ def create_app(settings: Settings) -> SluiceApp:
         held: Exchange | None = request.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
         if held is None or held.stats is None:
             # Streams and completions log their own line when they end; this is everything else.
-            if request.path.startswith("/v1/") or response.status_code >= 400:
+            if (request.path.startswith("/v1/") or response.status_code >= 400) and request_log.isEnabledFor(logging.INFO):
                 request_log.info(
                     {
                         "event": "request",

@@ -74,4 +74,5 @@ def settle(stats: StreamStats, metrics: GatewayMetrics) -> None:
     if stats.outcome is Outcome.RUNNING:
         stats.outcome = Outcome.CLIENT_DISCONNECT
     metrics.stream_finished(stats)
-    log.info({"event": "stream", **stats.figures()})
+    if log.isEnabledFor(logging.INFO):  # the figures dict is built only for a line that is written
+        log.info({"event": "stream", **stats.figures()})
