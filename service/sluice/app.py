@@ -37,8 +37,10 @@ from typing import Any
 
 import trio
 from quart import Response, g, request
+from quart.helpers import _split_blueprint_path
 from quart_cors import cors
 from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
 from . import errors
@@ -135,8 +137,23 @@ async def _release(state: GatewayState, held: Exchange) -> None:
             await state.limits.release(key, lease, tokens)
 
 
+class GatewayRequest(TrioRequest):
+    """quart-trio's request, whose ``blueprints`` does not import on every read.
+
+    Quart's property runs ``from ..helpers import _split_blueprint_path`` each
+    time it is read (twice a request: before- and after-request hooks):
+    ~12 us a read here, against ~2.4 us for the same answer without it.
+    """
+
+    @property
+    def blueprints(self) -> list[str]:
+        blueprint = self.blueprint
+        return [] if blueprint is None else _split_blueprint_path(blueprint)
+
+
 class SluiceApp(QuartTrio):
     asgi_http_class = GatewayHTTPConnection  # type: ignore[assignment]
+    request_class = GatewayRequest
 
 
 def error_response(error: errors.SluiceError, scrubber: Scrubber | None = None) -> Response:
