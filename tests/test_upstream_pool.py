@@ -228,3 +228,32 @@ async def test_a_first_attempt_that_succeeds_never_builds_a_retry_controller(
         await stream.aclose()
     assert built == []
     await upstream.aclose()
+
+
+async def test_a_request_s_head_and_body_go_out_in_one_write(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    # httpcore2 writes the head and the body separately: two sends a request.
+    server = KeepAliveServer()
+    await nursery.start(server.serve)
+    upstream = _client_for(server, max_connections=4)
+    sends: list[int] = []
+    send_all = trio.SocketStream.send_all
+
+    async def counting(self: trio.SocketStream, data: bytes) -> None:
+        if not bytes(data).startswith(b"HTTP/1.1 "):  # the server's answers are sent in this process too
+            sends.append(len(data))
+        await send_all(self, data)
+
+    with trio.fail_after(10):
+        await upstream.complete("/chat/completions", b"{}")  # connected; the next request reuses it
+        monkeypatch.setattr(trio.SocketStream, "send_all", counting)
+        body = b'{"model":"m","messages":[]}'
+        response = await upstream.complete("/chat/completions", body)
+        assert response.status_code == 200
+        assert len(sends) == 1 and sends[0] > len(body)
+        # a body beyond the cork limit goes out whole (the server reads all of it to answer)
+        sends.clear()
+        response = await upstream.complete("/chat/completions", b"x" * 300_000)
+        assert response.status_code == 200
+        assert sum(sends) > 300_000
+    assert server.requests == 3
+    await upstream.aclose()

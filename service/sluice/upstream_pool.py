@@ -1,4 +1,5 @@
-"""The upstream connection pool: httpcore2's, probing an idle socket only when it is about to be used.
+"""The upstream connection pool: httpcore2's, probing an idle socket only when it is about to be used,
+and sending a request's head and body in one write.
 
 httpcore2's pool calls ``has_expired()`` on every idle connection on every
 pool pass (two passes per request: when it starts and when its response is
@@ -25,16 +26,93 @@ Invariants:
   closed it at the next pass.
 * Only plain HTTP/1.1 connections change behaviour; proxied and HTTP/2
   connections are the library's own.
+
+httpcore2 writes a request's head and its body separately: two
+``send_all`` calls (each with its own ``fail_after`` and exception
+mapping) and two system calls for one small JSON request. The pool's
+network streams (:class:`_CorkedTrioStream`, trio's plain TCP ones) hold
+what httpcore2 writes until it reads, then send it as one write:
+
+* Nothing written stays held once the connection reads: every ``read``
+  sends what is held first (with the write timeout it was written with),
+  so the response head is always read after the whole request went out.
+  A request body larger than ``_CORK_LIMIT`` goes out as it grows.
+* The stream is httpcore2's ``TrioStream`` (same ``_stream``, same
+  ``get_extra_info``), so whatever reads the socket directly once the
+  response head is in (:mod:`sluice.upstream_body`) finds what it expects.
+* A failed held write raises httpcore2's ``WriteError``/``WriteTimeout``
+  from the read, which the upstream client treats as any connection
+  failure before the first byte (retriable).
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterable
 
 import httpcore2
 import httpx2
+import trio
 from httpcore2._async.http11 import AsyncHTTP11Connection
+from httpcore2._backends.trio import TrioBackend, TrioStream
+
+#: held writes beyond this many bytes are sent at once (a request body is not buffered whole)
+_CORK_LIMIT = 64 * 1024
+
+
+class _CorkedTrioStream(TrioStream):
+    """httpcore2's trio stream, holding writes until the next read (or ``_CORK_LIMIT`` bytes)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        super().__init__(stream)
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._write_timeout: float | None = None
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        self._held.append(buffer)
+        self._held_bytes += len(buffer)
+        self._write_timeout = timeout
+        if self._held_bytes >= _CORK_LIMIT:
+            await self._send_held()
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._held:
+            await self._send_held()
+        return await super().read(max_bytes, timeout)
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore2.AsyncNetworkStream:
+        if self._held:
+            await self._send_held()
+        return await super().start_tls(ssl_context, server_hostname, timeout)
+
+    async def _send_held(self) -> None:
+        held = self._held
+        data = held[0] if len(held) == 1 else b"".join(held)
+        self._held = []
+        self._held_bytes = 0
+        await super().write(data, self._write_timeout)
+
+
+class _CorkingTrioBackend(TrioBackend):
+    """httpcore2's trio backend whose plain TCP streams are :class:`_CorkedTrioStream`."""
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[tuple[int, int, int]] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        stream = await super().connect_tcp(host, port, timeout, local_address, socket_options)
+        assert isinstance(stream, TrioStream)
+        return _CorkedTrioStream(stream._stream)
 
 
 class _ProbeOnUseConnection(httpcore2.AsyncHTTPConnection):
@@ -88,4 +166,5 @@ class UpstreamTransport(httpx2.AsyncHTTPTransport):
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
             socket_options=socket_options,
+            network_backend=_CorkingTrioBackend(),
         )
