@@ -7,9 +7,12 @@ mid-body, then checks that the same client still serves every request.
 
 from __future__ import annotations
 
+import ssl
+
 import httpx2
 import pytest
 import trio
+import trustme
 from httpcore2._backends.trio import TrioStream
 
 from sluice.policies import RetryPolicy
@@ -80,8 +83,9 @@ class KeepAliveServer:
     keep-alive timeout fired does to a connection the client keeps pooled.
     """
 
-    def __init__(self, *, close_after_response: bool = False) -> None:
+    def __init__(self, *, close_after_response: bool = False, tls: ssl.SSLContext | None = None) -> None:
         self.close_after_response = close_after_response
+        self.tls = tls
         self.requests = 0
         self.connections = 0
         #: connections the client closed (EOF read while waiting for a request)
@@ -95,8 +99,9 @@ class KeepAliveServer:
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, plain: trio.SocketStream) -> None:
         self.connections += 1
+        stream: trio.abc.Stream = trio.SSLStream(plain, self.tls, server_side=True) if self.tls else plain
         buffer = b""
         async with stream:
             while True:
@@ -257,3 +262,31 @@ async def test_a_request_s_head_and_body_go_out_in_one_write(nursery: trio.Nurse
         assert sum(sends) > 300_000
     assert server.requests == 3
     await upstream.aclose()
+
+
+async def test_a_tls_request_s_head_and_body_go_out_in_one_write(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    server = KeepAliveServer(tls=server_context)
+    await nursery.start(server.serve)
+    limits = httpx2.Limits(max_connections=4, max_keepalive_connections=4)
+    writes: list[int] = []
+    send_all = trio.SSLStream.send_all
+
+    async def counting(self: trio.SSLStream[trio.SocketStream], data: bytes) -> None:
+        if not self.server_side:
+            writes.append(len(data))
+        await send_all(self, data)
+
+    async with httpx2.AsyncClient(transport=UpstreamTransport(limits=limits, verify=client_context)) as client:
+        with trio.fail_after(10):
+            url = f"https://127.0.0.1:{server.port}/v1/chat/completions"
+            assert (await client.post(url, content=b"{}")).status_code == 200
+            monkeypatch.setattr(trio.SSLStream, "send_all", counting)
+            response = await client.post(url, content=b'{"model":"m"}')
+            assert response.status_code == 200 and response.json() == {"ok": True}
+    assert writes and len(writes) == 1
+    assert server.requests == 2 and server.connections == 1

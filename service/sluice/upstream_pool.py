@@ -30,7 +30,8 @@ Invariants:
 httpcore2 writes a request's head and its body separately: two
 ``send_all`` calls (each with its own ``fail_after`` and exception
 mapping) and two system calls for one small JSON request. The pool's
-network streams (:class:`_CorkedTrioStream`, trio's plain TCP ones) hold
+network streams (:class:`_CorkedTrioStream`, trio's TCP ones, with TLS or
+without) hold
 what httpcore2 writes until it reads, then send it as one write:
 
 * Nothing written stays held once the connection reads: every ``read``
@@ -89,7 +90,9 @@ class _CorkedTrioStream(TrioStream):
     ) -> httpcore2.AsyncNetworkStream:
         if self._held:
             await self._send_held()
-        return await super().start_tls(ssl_context, server_hostname, timeout)
+        tls = await super().start_tls(ssl_context, server_hostname, timeout)
+        assert isinstance(tls, TrioStream)
+        return _CorkedTrioStream(tls._stream)  # a TLS connection's writes are merged the same way
 
     async def _send_held(self) -> None:
         held = self._held
@@ -155,13 +158,19 @@ class UpstreamConnectionPool(httpcore2.AsyncConnectionPool):
 class UpstreamTransport(httpx2.AsyncHTTPTransport):
     """``httpx2.AsyncHTTPTransport`` (no proxy) over :class:`UpstreamConnectionPool`."""
 
-    def __init__(self, *, limits: httpx2.Limits, socket_options: Iterable[tuple[int, int, int]] | None = None) -> None:
-        super().__init__(limits=limits, socket_options=socket_options)
+    def __init__(
+        self,
+        *,
+        limits: httpx2.Limits,
+        socket_options: Iterable[tuple[int, int, int]] | None = None,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        super().__init__(limits=limits, socket_options=socket_options, verify=verify)
         # The same pool the transport just built (no proxy: the client is
         # given this transport, so environment proxies do not apply), with
         # our connection class.
         self._pool = UpstreamConnectionPool(
-            ssl_context=httpx2.create_ssl_context(),
+            ssl_context=httpx2.create_ssl_context(verify=verify),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
