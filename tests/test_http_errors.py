@@ -109,3 +109,20 @@ async def test_a_model_name_over_the_limit_is_400(start_gateway: GatewayFactory,
         assert len(response.content) < 1000  # the name is not echoed back
         assert (await http.post("/v1/chat/completions", json=chat_body("s" * 64, stream=False))).status_code == 200
     assert simulator.stats.requests_started == 1
+
+
+@pytest.mark.parametrize("endpoint", ["api.relay_chat", "outer.inner.view", "plain", None])
+def test_the_gateway_request_names_the_blueprints_quart_s_own_request_names(endpoint: str | None) -> None:
+    # GatewayRequest only reads the same answer more cheaply: before/after
+    # hooks and error handlers are looked up by these names.
+    from quart_trio.wrappers import TrioRequest as Request
+    from werkzeug.routing import Rule
+
+    from sluice.app import GatewayRequest
+
+    def names(request_class: type[Request]) -> list[str]:
+        request = request_class.__new__(request_class)
+        request.url_rule = Rule("/x", endpoint=endpoint) if endpoint is not None else None  # type: ignore[assignment]
+        return request.blueprints
+
+    assert names(GatewayRequest) == names(Request)

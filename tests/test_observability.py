@@ -186,3 +186,32 @@ async def test_metrics_render_in_a_thread_while_the_loop_keeps_serving(gateway: 
             release.set()
     assert released_by_test == [True]
     assert scraped[0].status_code == 200 and "sluice_requests_total" in scraped[0].text
+
+
+async def test_a_stream_s_log_line_is_built_only_when_its_level_is_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sluice.metrics import GatewayMetrics, Outcome, StreamStats
+    from sluice.outcome import settle
+
+    built = 0
+    figures = StreamStats.figures
+
+    def counting(self: StreamStats) -> dict[str, object]:
+        nonlocal built
+        built += 1
+        return figures(self)
+
+    monkeypatch.setattr(StreamStats, "figures", counting)
+    metrics = GatewayMetrics()
+    for level, lines, figures_built in ((logging.WARNING, 0, 0), (logging.INFO, 1, 1)):
+        caplog.clear()
+        caplog.set_level(level, logger="sluice.stream")
+        stats = StreamStats("r-1", "m", "block")
+        stats.outcome = Outcome.DONE
+        metrics.stream_started()
+        built = 0
+        settle(stats, metrics)
+        assert built == figures_built
+        assert len([r for r in caplog.records if r.name == "sluice.stream"]) == lines
+    assert metrics.outcomes["done"] == 2  # counted either way

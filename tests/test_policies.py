@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import time
 
 import pytest
 import tenacity
@@ -106,3 +107,39 @@ async def test_non_retriable_errors_are_not_retried() -> None:
                 raise ValueError("no")
     assert attempts == 1
     assert isinstance(RetryPolicy().retrying(), tenacity.AsyncRetrying)
+
+
+async def test_a_controller_told_of_a_failed_first_attempt_counts_it_and_waits_what_it_asked() -> None:
+    # The upstream client runs a first attempt without tenacity and hands its
+    # failure over: the controller must decide as if it had run it.
+    policy = RetryPolicy(max_attempts=3, backoff_initial=0, backoff_max=0, jitter=0)
+    controller = policy.retrying(after=_fail(retry_after=0.5))
+    waits: list[float] = []
+    controller.sleep = lambda seconds: _record(waits, seconds)  # type: ignore[method-assign]
+    attempts = 0
+    with pytest.raises(RetriableUpstreamError):
+        async for attempt in controller:
+            with attempt:
+                attempts += 1
+                raise _fail()
+    assert attempts == 2  # the first one was the caller's
+    assert waits == [0.5, 0.0]
+
+
+async def test_a_controller_told_of_a_first_attempt_that_spent_the_budget_gives_up_at_once() -> None:
+    policy = RetryPolicy(max_attempts=5, budget=1.0)
+    attempts = 0
+    with trio.fail_after(5), pytest.raises(RetriableUpstreamError):
+        async for attempt in policy.retrying(after=_fail(), started=time.monotonic() - 2.0):
+            with attempt:
+                attempts += 1
+    assert attempts == 0
+
+
+async def test_a_controller_told_of_a_failed_first_attempt_of_one_allowed_gives_up() -> None:
+    attempts = 0
+    with pytest.raises(RetriableUpstreamError):
+        async for attempt in RetryPolicy(max_attempts=1).retrying(after=_fail()):
+            with attempt:
+                attempts += 1
+    assert attempts == 0

@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, g, request
+from quart.helpers import _split_blueprint_path
 from quart_cors import cors
 from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioRequest
 from werkzeug.exceptions import HTTPException
 
 from . import errors
@@ -145,8 +147,23 @@ async def _release(state: GatewayState, held: Exchange) -> None:
         held.trace.end(held.stats)
 
 
+class GatewayRequest(TrioRequest):
+    """quart-trio's request, whose ``blueprints`` does not import on every read.
+
+    Quart's property runs ``from ..helpers import _split_blueprint_path`` each
+    time it is read (twice a request: before- and after-request hooks):
+    ~12 us a read here, against ~2.4 us for the same answer without it.
+    """
+
+    @property
+    def blueprints(self) -> list[str]:
+        blueprint = self.blueprint
+        return [] if blueprint is None else _split_blueprint_path(blueprint)
+
+
 class SluiceApp(QuartTrio):
     asgi_http_class = GatewayHTTPConnection  # type: ignore[assignment]
+    request_class = GatewayRequest
 
 
 def error_response(error: errors.SluiceError, scrubber: Scrubber | None = None) -> Response:
@@ -297,7 +314,7 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
             held.trace.status_code = response.status_code
         if held is None or held.stats is None:
             # Streams and completions log their own line when they end; this is everything else.
-            if request.path.startswith("/v1/") or response.status_code >= 400:
+            if (request.path.startswith("/v1/") or response.status_code >= 400) and request_log.isEnabledFor(logging.INFO):
                 request_log.info(
                     {
                         "event": "request",

@@ -19,6 +19,9 @@ from typing import Any
 
 _secrets: set[str] = set()
 
+#: built once: ``json.dumps`` with arguments builds a new encoder per line
+_LINE_JSON = json.JSONEncoder(separators=(",", ":"), default=str)
+
 
 def redact(*secrets: str | None) -> None:
     """Never print these strings in a log line (keys shorter than 8 characters are not secrets)."""
@@ -38,7 +41,7 @@ class JsonFormatter(logging.Formatter):
             line["message"] = record.getMessage()
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        text = json.dumps(line, separators=(",", ":"), default=str)
+        text = _LINE_JSON.encode(line)
         for secret in _secrets:
             if secret in text:
                 text = text.replace(secret, "[redacted]")
@@ -51,6 +54,13 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The lines print none of the caller's file, thread or process: each
+    # record skips finding them (the logging HOWTO's "Optimization"; the
+    # caller's frame walk is about a tenth of a stream's log line).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # httpx2 logs every request at INFO: a log call per request on the hot
     # path, and the per-stream summary already says it all.
     for noisy in ("httpx2", "httpcore2"):

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .prometheus import PrometheusMetrics
     from .tracing import RequestTrace
 
+#: ``json.dumps(..., separators=...)`` builds a new encoder per call (about half its ~11 us here)
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
 
 class Outcome(enum.Enum):
     """How a stream (or a non-streamed request) ended; ``ERROR`` comes with :attr:`StreamStats.error_code`."""
@@ -149,7 +152,7 @@ class StreamStats:
 
     def comment_text(self) -> str:
         """One-line JSON for the ``: sluice {...}`` comment before the stream's last event."""
-        return "sluice " + json.dumps(self.figures(), separators=(",", ":"))
+        return "sluice " + _COMPACT_JSON.encode(self.figures())
 
 
 class GatewayMetrics:

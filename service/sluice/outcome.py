@@ -82,4 +82,5 @@ def settle(stats: StreamStats, metrics: GatewayMetrics) -> None:
         if stats.trace is not None:
             stats.trace.client_disconnected()
     metrics.stream_finished(stats)
-    log.info({"event": "stream", **stats.figures()})
+    if log.isEnabledFor(logging.INFO):  # the figures dict is built only for a line that is written
+        log.info({"event": "stream", **stats.figures()})

@@ -119,9 +119,18 @@ class RetryPolicy:
     jitter: float = 0.2
     budget: float = 15.0  # seconds, across all attempts and waits
 
-    def retrying(self) -> tenacity.AsyncRetrying:
-        """A fresh tenacity controller (it holds per-request state)."""
-        return tenacity.AsyncRetrying(
+    def retrying(self, *, after: RetriableUpstreamError | None = None, started: float | None = None) -> tenacity.AsyncRetrying:
+        """A fresh tenacity controller (it holds per-request state).
+
+        With ``after``, the failure of a first attempt the caller ran without
+        tenacity (most requests succeed at once, and tenacity's machinery
+        costs ~60 us a request), the controller decides as if it had run that
+        attempt itself, started at ``started`` (``time.monotonic()``): it
+        counts it, waits what it asked for, and stops on the same attempt
+        and budget.
+        """
+        controller_class = tenacity.AsyncRetrying if after is None else _AfterFirstAttempt
+        controller = controller_class(
             retry=tenacity.retry_if_exception_type(RetriableUpstreamError),
             wait=_HonourRetryAfter(
                 tenacity.wait_exponential_jitter(
@@ -131,6 +140,28 @@ class RetryPolicy:
             stop=tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_before_delay(self.budget),
             reraise=True,
         )
+        if isinstance(controller, _AfterFirstAttempt):
+            controller.first_failure = after
+            controller.first_started = time.monotonic() if started is None else started
+        return controller
+
+
+class _AfterFirstAttempt(tenacity.AsyncRetrying):
+    """tenacity's controller, entering its loop with the first attempt already run and failed."""
+
+    first_failure: BaseException | None = None
+    first_started: float = 0.0
+
+    def __aiter__(self) -> tenacity.AsyncRetrying:
+        super().__aiter__()
+        state = self._retry_state
+        state.start_time = self.first_started
+        failure = self.first_failure
+        assert failure is not None
+        # What AttemptManager.__exit__ records for a failed attempt: the first
+        # step of the loop then decides retry, stop and wait from it.
+        state.set_exception((type(failure), failure, failure.__traceback__))
+        return self
 
 
 class _HonourRetryAfter(tenacity.wait.wait_base):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -67,6 +68,27 @@ class LabelValues:
         self._budget -= 1
         self._known.add(value)
         return value
+
+
+class LabelledChildren:
+    """A labelled metric's children by label values, each looked up through ``labels()`` once.
+
+    prometheus_client's ``labels()`` validates, converts and takes a lock on
+    every call (~3 us here); a stream ends with four of them. The values are
+    bounded by :class:`LabelValues` (and the fixed API names), so is this.
+    """
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class PrometheusMetrics:
@@ -147,10 +169,14 @@ class PrometheusMetrics:
             "sluice_memory_budget_refusals", "Streams refused (503) because the memory budget was full.", registry=r
         )
         self._peak = 0
+        self._requests = LabelledChildren(self.requests)
+        self._ttft = LabelledChildren(self.ttft)
+        self._duration = LabelledChildren(self.duration)
+        self._tokens = LabelledChildren(self.tokens)
 
     def request_refused(self, model: str, status: int, api: str = "chat") -> None:
         """A request that ended before it reached the upstream (validation, auth, limits)."""
-        self.requests.labels(api, self.model_label(model), self.status_label(str(status))).inc()
+        self._requests(api, self.model_label(model), self.status_label(str(status))).inc()
 
     def upstream_failed(self, code: str) -> None:
         """One failed upstream attempt (``http_503``, ``upstream_unavailable``, ...)."""
@@ -163,13 +189,13 @@ class PrometheusMetrics:
     def stream_finished(self, stats: StreamStats) -> None:
         model = self.model_label(stats.model)
         api = stats.api
-        self.requests.labels(api, model, self.status_label(str(stats.status))).inc()
-        self.duration.labels(api).observe(stats.total_ms / 1000.0)
+        self._requests(api, model, self.status_label(str(stats.status))).inc()
+        self._duration(api).observe(stats.total_ms / 1000.0)
         ttft = stats.ttft_ms
         if ttft is not None:
-            self.ttft.labels(api).observe(ttft / 1000.0)
+            self._ttft(api).observe(ttft / 1000.0)
         if stats.token_count:
-            self.tokens.labels(api, model).inc(stats.token_count)
+            self._tokens(api, model).inc(stats.token_count)
         if stats.upstream_attempts > 1:
             self.retries.inc(stats.upstream_attempts - 1)
         outcome = stats.outcome

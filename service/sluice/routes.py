@@ -296,7 +296,8 @@ async def _complete(
     finally:
         stats.ended_at = trio.current_time()
         metrics.stream_finished(stats)
-        stream_log.info({"event": "completion", **stats.figures()})
+        if stream_log.isEnabledFor(logging.INFO):  # the figures only for a line that is written
+            stream_log.info({"event": "completion", **stats.figures()})
     # A provider may echo what it was sent (a key among it).
     body = _scrub(state.scrubber, upstream_response.content)
     response = Response(body, status=upstream_response.status_code, content_type="application/json")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .policies import RETRIABLE_STATUSES, RetriableUpstreamError, RetryPolicy, parse_retry_after
+from .upstream_pool import UpstreamTransport
 
 #: error bodies larger than this are cut; an error message is never megabytes
 _MAX_ERROR_BODY = 64 * 1024
@@ -90,7 +92,7 @@ class UpstreamClient:
             # The read deadline is the relay's (first token, then idle between
             # reads), managed with one moving cancel scope per stream.
             timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
-            transport=httpx2.AsyncHTTPTransport(
+            transport=UpstreamTransport(
                 # Size the pool to the gateway's stream cap: stream N+1 must not
                 # queue behind a pool limit the gateway itself does not have.
                 limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -194,25 +196,38 @@ class UpstreamClient:
     async def _with_retries(
         self, attempt_once: Any, arg: Any, on_attempt: Any, on_retry: OnRetry | None = None
     ) -> httpx2.Response:
-        failed: str | None = None  # the last failed attempt's code, for ``on_retry``
+        # The first attempt runs without tenacity (most succeed, and its
+        # machinery costs ~60 us a request); tenacity takes over from its
+        # failure, counting it as its own first attempt.
+        started = time.monotonic()
         try:
-            async for attempt in self.retry_policy.retrying():
+            return await self._attempt(attempt_once, arg, on_attempt)
+        except RetriableUpstreamError as exc:
+            first_failure = exc
+        failed = failure_code(first_failure)  # the last failed attempt's code, for ``on_retry``
+        try:
+            async for attempt in self.retry_policy.retrying(after=first_failure, started=started):
                 with attempt:
-                    if on_attempt is not None:
-                        on_attempt()
-                    if failed is not None and on_retry is not None:
+                    if on_retry is not None:
                         on_retry(failed, attempt.retry_state.attempt_number)
                     try:
-                        return await attempt_once(arg)
+                        return await self._attempt(attempt_once, arg, on_attempt)
                     except (RetriableUpstreamError, SluiceError) as exc:
-                        if self.on_failure is not None or on_retry is not None:
-                            failed = failure_code(exc)
-                            if self.on_failure is not None:
-                                self.on_failure(failed)
+                        failed = failure_code(exc)
                         raise
         except RetriableUpstreamError as exc:
             raise exc.cause from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    async def _attempt(self, attempt_once: Any, arg: Any, on_attempt: Any) -> httpx2.Response:
+        if on_attempt is not None:
+            on_attempt()
+        try:
+            return await attempt_once(arg)
+        except (RetriableUpstreamError, SluiceError) as exc:
+            if self.on_failure is not None:
+                self.on_failure(failure_code(exc))
+            raise
 
     async def _open_stream_once(self, args: tuple[str, bytes, Any]) -> httpx2.Response:
         request = self.post_request(*args)
