@@ -112,6 +112,40 @@ async def test_client_disconnect_closes_the_upstream_request(
     assert simulator.stats.requests_completed == 0
 
 
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_upstream_connection_ends_on_the_disconnect_before_the_stream_closes_its_response(
+    gateway: Gateway, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The upstream must not wait for the stream's tasks to be rescheduled and
+    # unwound to its response's close: the disconnect itself ends the upstream
+    # connection. Every close of an upstream response is held here until the
+    # simulator has seen its connection end; if only that close could end it,
+    # the hold runs out and the order is wrong.
+    raw = await RawStream.open(gateway.url, chat_body("sim:tokens=2000,itl_ms=10"))
+    await raw.read_until(b"data: {")
+    [record] = simulator.stats.records
+    upstream_ended_first: list[bool] = []
+    close_response = httpx2.Response.aclose
+
+    async def close_once_the_upstream_saw_the_end(response: httpx2.Response) -> None:
+        with trio.move_on_after(5.0):  # only a bound on the wait: the fix needs none of it
+            while record["closed_at"] is None:
+                await trio.sleep(0.005)
+        upstream_ended_first.append(record["closed_at"] is not None)
+        await close_response(response)
+
+    monkeypatch.setattr(httpx2.Response, "aclose", close_once_the_upstream_saw_the_end)
+    await (raw.close_fin() if how == "fin" else raw.close_rst())
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+    assert upstream_ended_first and all(upstream_ended_first)
+    assert gateway.state.metrics.outcomes["client_disconnect"] == 1
+    # The stream's own end is still a plain disconnect: nothing took the ended connection for an upstream fault.
+    assert gateway.state.metrics.outcomes.get("error:stream_interrupted", 0) == 0
+    # A connection ended that way is never handed to the next request.
+    follow_up = await RawStream.open(gateway.url, chat_body("sim:tokens=3"))
+    await follow_up.read_until(b"data: [DONE]")
+
+
 async def test_client_leaving_before_the_first_token_closes_the_upstream(
     gateway: Gateway, simulator: RunningSimulator
 ) -> None:

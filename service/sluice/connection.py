@@ -33,6 +33,12 @@ breaks the connection around the response in three ways, and
    proxy in front may have framed the body differently, which is how request
    smuggling starts).
 
+One more duty, for latency: when the client goes away mid-response, the
+receiver tells a response body that can act on it (:class:`LeavesUpstream`,
+the relay) *before* cancelling the request, so the relay ends its upstream
+connections in the same scheduling step as the disconnect, rather than after
+the sender and the relay's producer have been rescheduled and unwound.
+
 Invariants: a response goes out only after the request body is complete, or
 with ``connection: close``; hypercorn's post-response work (close, or the
 keep-alive timer) always runs; the sender still cancels the receiver when it
@@ -42,14 +48,22 @@ is done, and a client that goes away mid-response still cancels the sender.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
-from quart.wrappers import Request
+from quart.wrappers import Request, Response
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from . import errors
+
+
+@runtime_checkable
+class LeavesUpstream(Protocol):
+    """A response body with an upstream to end at once when its client goes away."""
+
+    def client_gone(self) -> None:
+        """The client left mid-response: end the upstream now; must not block or raise."""
 
 
 class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
@@ -66,6 +80,8 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
         self._final_send_begun = False
         #: the request is refused from its head alone: answer at once and close
         self._refused_from_head = _has_conflicting_framing(scope)
+        #: the response body being sent, when it has an upstream to end on a disconnect
+        self._leaves_upstream: LeavesUpstream | None = None
 
     async def handle_messages(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable
@@ -86,6 +102,8 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
             elif message["type"] == "http.disconnect":
                 break
         if not self._final_send_begun:
+            if self._leaves_upstream is not None:
+                self._leaves_upstream.client_gone()
             nursery.cancel_scope.cancel()
 
     async def handle_request(  # type: ignore[override]
@@ -106,6 +124,11 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
             nursery.cancel_scope.cancel()
             return
         await super().handle_request(nursery, request, send_in_order)
+
+    async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
+        if isinstance(response, Response) and isinstance(response.response, LeavesUpstream):
+            self._leaves_upstream = response.response
+        await super()._send_response(send, response)
 
     async def _after_request_body(self, start: Any) -> Any:
         """Wait (bounded) for the unread rest of the request body; if it does not come, close after the response."""
