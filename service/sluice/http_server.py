@@ -26,6 +26,16 @@ and offers no setting for what they change:
 A third, smaller change: a connection the client closed while idle is
 closed at once (hypercorn held it, fd and task, until its idle timer fired).
 
+And one for speed: every write to a client (for a stream, one per batch of
+tokens) first tries a plain non-blocking ``send`` with no await in between
+(:meth:`GatewayTCPServer._send_now`). Hypercorn's write takes the
+connection's send lock, opens a shielded cancel scope, and goes through
+trio's ``send_all``, whose socket wrapper yields to the scheduler after
+every successful send: together about a quarter of the gateway's CPU per
+token. A write that cannot go out whole at once (a full socket buffer: a
+slow client) goes the original way for the rest, so it keeps hypercorn's
+guarantees: whole, in order, under the lock, never cut by a cancellation.
+
 Invariant: each accepted connection ends within ``request_head_timeout``
 unless it sends a complete request head, and between requests within
 ``keep_alive_timeout`` (both checked by ``tests/test_connections.py``
@@ -79,14 +89,44 @@ class GatewayTCPServer(TCPServer):
         # cleared when a request head arrives or when bytes of one do.
         self._keep_alive_wait = False
         self._heads_received = 0
+        #: the client's socket, written to directly when nothing else is writing (plain TCP only)
+        self._plain_socket = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
 
     async def protocol_send(self, event: Any) -> None:
+        if isinstance(event, RawData):
+            await trio.lowlevel.checkpoint_if_cancelled()  # as the send lock's acquire would
+            rest = self._send_now(event.data)
+            if rest is None:
+                await self.protocol.handle(Closed())
+            elif rest:
+                await super().protocol_send(RawData(rest))
+            return
         if isinstance(event, Updated):
             # Bytes of the next request can arrive before the previous response's
             # recycle: then the connection is not idle but waiting for a head.
             self._keep_alive_wait = event.idle and not self._next_request_begun()
             self._heads_received += not event.idle
         await super().protocol_send(event)
+
+    def _send_now(self, data: bytes) -> bytes | None:
+        """Write what the socket takes at once, without awaiting; return the rest (``None``: the client is gone).
+
+        Only when no other write is under way (the send lock is free, so none
+        is half done); nothing here awaits, so none can start meanwhile.
+        Whatever is left is written after it, hypercorn's way.
+        """
+        sock = self._plain_socket
+        if sock is None or self.send_lock.locked() or not data:
+            return data
+        if sock.did_shutdown_SHUT_WR:
+            return None
+        try:
+            sent = os.write(sock.fileno(), data)  # a plain send(2); fileno() is -1 once closed: EBADF
+        except BlockingIOError:
+            return data
+        except OSError:
+            return None  # reset, broken pipe or closed: what hypercorn maps to Closed
+        return data[sent:]
 
     def _next_request_begun(self) -> bool:
         connection = getattr(self.protocol.protocol, "connection", None)  # HTTP/1.1 only: h11's buffer
