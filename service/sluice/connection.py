@@ -33,11 +33,15 @@ breaks the connection around the response in three ways, and
    proxy in front may have framed the body differently, which is how request
    smuggling starts).
 
-One more duty, for latency: when the client goes away mid-response, the
-receiver tells a response body that can act on it (:class:`LeavesUpstream`,
-the relay) *before* cancelling the request, so the relay ends its upstream
-connections in the same scheduling step as the disconnect, rather than after
-the sender and the relay's producer have been rescheduled and unwound.
+One more duty, for latency: when the client goes away mid-response, a
+response body that can act on it (:class:`LeavesUpstream`, the relay) is told
+at once, so it ends its upstream connections without waiting for the sender
+and the relay's producer to be rescheduled and unwound. Under Sluice's
+server (:mod:`sluice.http_server`) the connection's reader tells it, the
+moment its read finds the client gone (the body registers with the
+connection's :class:`~sluice.http_server.ClientWatch`); elsewhere (or if
+that did not happen) the receiver does, on ``http.disconnect``, before
+cancelling the request.
 
 Invariants: a response goes out only after the request body is complete, or
 with ``connection: close``; hypercorn's post-response work (close, or the
@@ -56,6 +60,7 @@ from quart.wrappers import Request, Response
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from . import errors
+from .http_server import CLIENT_WATCH
 
 
 @runtime_checkable
@@ -126,9 +131,19 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
         await super().handle_request(nursery, request, send_in_order)
 
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
-        if isinstance(response, Response) and isinstance(response.response, LeavesUpstream):
-            self._leaves_upstream = response.response
-        await super()._send_response(send, response)
+        if not (isinstance(response, Response) and isinstance(response.response, LeavesUpstream)):
+            await super()._send_response(send, response)
+            return
+        body = self._leaves_upstream = response.response
+        watch = self.scope.get("state", {}).get(CLIENT_WATCH)
+        if watch is None:
+            await super()._send_response(send, response)
+            return
+        watch.add(body.client_gone)
+        try:
+            await super()._send_response(send, response)
+        finally:
+            watch.discard(body.client_gone)
 
     async def _after_request_body(self, start: Any) -> Any:
         """Wait (bounded) for the unread rest of the request body; if it does not come, close after the response."""

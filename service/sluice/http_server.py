@@ -26,6 +26,15 @@ and offers no setting for what they change:
 A third, smaller change: a connection the client closed while idle is
 closed at once (hypercorn held it, fd and task, until its idle timer fired).
 
+A fourth, for cancel latency: the connection's reader is the first to know
+that the client went away (a read returns EOF or a reset). Each connection
+offers a :class:`ClientWatch` to its requests (in the ASGI scope's
+``state``, under :data:`CLIENT_WATCH`); a response registers what must
+happen at once when its client leaves (the relay ends its upstream
+connections), and the reader calls it right there, before hypercorn turns
+the close into ``http.disconnect`` for the app's receiver task to take in
+a later turn of the scheduler.
+
 And one for speed: every write to a client (for a stream, one per batch of
 tokens) first tries a plain non-blocking ``send`` with no await in between
 (:meth:`GatewayTCPServer._send_now`). Hypercorn's write takes the
@@ -77,6 +86,30 @@ class GatewayConfig(Config):
     request_head_timeout: float = 10.0
 
 
+#: the key of the connection's :class:`ClientWatch` in each request's ASGI ``scope["state"]``
+CLIENT_WATCH = "sluice.client_watch"
+
+
+class ClientWatch:
+    """One connection's callbacks for the moment its client is found gone; each runs once, synchronously."""
+
+    __slots__ = ("_on_gone",)
+
+    def __init__(self) -> None:
+        self._on_gone: set[Callable[[], None]] = set()
+
+    def add(self, on_gone: Callable[[], None]) -> None:
+        self._on_gone.add(on_gone)
+
+    def discard(self, on_gone: Callable[[], None]) -> None:
+        self._on_gone.discard(on_gone)
+
+    def client_gone(self) -> None:
+        callbacks, self._on_gone = self._on_gone, set()
+        for on_gone in callbacks:
+            on_gone()
+
+
 class GatewayTCPServer(TCPServer):
     """Hypercorn's connection handler with a request-head deadline of its own (see the module docstring)."""
 
@@ -89,6 +122,10 @@ class GatewayTCPServer(TCPServer):
         # cleared when a request head arrives or when bytes of one do.
         self._keep_alive_wait = False
         self._heads_received = 0
+        self._client_watch = ClientWatch()
+        # Each connection's own state dict (hypercorn shares one among all): each request's
+        # scope["state"] is a shallow copy of it, so the requests of a connection share its watch.
+        self.state = ConnectionState({**self.state, CLIENT_WATCH: self._client_watch})
         #: the client's socket, written to directly when nothing else is writing (plain TCP only)
         self._plain_socket = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
 
@@ -141,7 +178,10 @@ class GatewayTCPServer(TCPServer):
             try:
                 data = await self.stream.receive_some(MAX_RECV)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._client_watch.client_gone()
                 break
+            if not data:
+                self._client_watch.client_gone()
             was_idle, heads = self._keep_alive_wait, self._heads_received
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
