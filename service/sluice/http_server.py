@@ -176,7 +176,7 @@ class GatewayTCPServer(TCPServer):
         # handled, so a complete head (the common case) costs no timer restart.
         while True:
             try:
-                data = await self.stream.receive_some(MAX_RECV)
+                data = await self._receive()
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 self._client_watch.client_gone()
                 break
@@ -194,6 +194,33 @@ class GatewayTCPServer(TCPServer):
         # running idle timer keeps the connection's task group, and so its fd and
         # task, alive until the timer fires: up to keep_alive_timeout.)
         await self.idle_task.stop()
+
+    async def _receive(self) -> bytes:
+        """``receive_some``, less the turn of the scheduler trio's socket takes after a read it waited for.
+
+        trio's socket methods yield once more after a successful call, even
+        right after waiting for readiness: an EOF or a reset then reaches
+        :class:`ClientWatch` one turn later than it could. The wait for
+        readiness is this method's checkpoint; a read that did not wait
+        checkpoints after it, so a client that keeps sending cannot starve
+        the other tasks.
+        """
+        sock = self._plain_socket
+        if sock is None:
+            return await self.stream.receive_some(MAX_RECV)
+        waited = False
+        while True:
+            try:
+                data = os.read(sock.fileno(), MAX_RECV)  # a plain recv(2); fileno() is -1 once closed: EBADF
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            if data and not waited:
+                await trio.lowlevel.checkpoint()
+            return data
 
     async def _idle_timeout(self) -> None:
         timeout = self.config.keep_alive_timeout if self._keep_alive_wait else self.config.request_head_timeout
