@@ -56,11 +56,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
+from quart.utils import encode_headers
 from quart.wrappers import Request, Response
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from . import errors
-from .http_server import CLIENT_WATCH
+from .http_server import BODY_WRITER, CLIENT_WATCH
 
 
 @runtime_checkable
@@ -135,15 +136,19 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
             await super()._send_response(send, response)
             return
         body = self._leaves_upstream = response.response
-        watch = self.scope.get("state", {}).get(CLIENT_WATCH)
-        if watch is None:
-            await super()._send_response(send, response)
-            return
-        watch.add(body.client_gone)
+        state = self.scope.get("state") or {}
+        watch = state.get(CLIENT_WATCH)
+        write_body = state.get(BODY_WRITER) if self.scope["http_version"] in ("1.0", "1.1") else None
+        if watch is not None:
+            watch.add(body.client_gone)
         try:
-            await super()._send_response(send, response)
+            if write_body is None:
+                await super()._send_response(send, response)
+            else:
+                await _send_streamed(send, response, write_body)
         finally:
-            watch.discard(body.client_gone)
+            if watch is not None:
+                watch.discard(body.client_gone)
 
     async def _after_request_body(self, start: Any) -> Any:
         """Wait (bounded) for the unread rest of the request body; if it does not come, close after the response."""
@@ -158,6 +163,21 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
             return start
         headers = [(name, value) for name, value in start.get("headers", ()) if name.lower() != b"connection"]
         return {**start, "headers": [*headers, (b"connection", b"close")]}
+
+
+async def _send_streamed(send: ASGISendCallable, response: Response, write_body: Any) -> None:
+    """Quart's ``_send_response`` for a streamed body, its chunks written by the server's ``write_body``.
+
+    The head and the end go through ASGI as in Quart (the end is what
+    :meth:`KeepAliveHTTPConnection.handle_request` watches for); each chunk
+    in between skips the per-message layers (see :mod:`sluice.http_server`).
+    """
+    await send({"type": "http.response.start", "status": response.status_code, "headers": encode_headers(response.headers)})
+    async with response.response as chunks:
+        async for data in chunks:
+            if data:
+                await write_body(data)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _has_conflicting_framing(scope: HTTPScope) -> bool:

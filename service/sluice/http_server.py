@@ -35,6 +35,14 @@ connections), and the reader calls it right there, before hypercorn turns
 the close into ``http.disconnect`` for the app's receiver task to take in
 a later turn of the scheduler.
 
+And a fifth, for speed: the connection offers its HTTP/1.x requests
+:meth:`GatewayTCPServer.write_body` (under :data:`BODY_WRITER`), one body
+chunk straight into h11 and the socket. Through ASGI each chunk is a
+message dict, hypercorn's dispatch on its type and state, a ``Body`` event
+(and a copy of the bytes), the protocol's dispatch on the event, then h11;
+for a stream that is once per token. The response's head and end still
+go through ASGI, so hypercorn's checks on them stand.
+
 And one for speed: every write to a client (for a stream, one per batch of
 tokens) first tries a plain non-blocking ``send`` with no await in between
 (:meth:`GatewayTCPServer._send_now`). Hypercorn's write takes the
@@ -88,6 +96,8 @@ class GatewayConfig(Config):
 
 #: the key of the connection's :class:`ClientWatch` in each request's ASGI ``scope["state"]``
 CLIENT_WATCH = "sluice.client_watch"
+#: the key of the connection's :meth:`GatewayTCPServer.write_body` in an HTTP/1.x request's ``scope["state"]``
+BODY_WRITER = "sluice.write_body"
 
 
 class ClientWatch:
@@ -125,7 +135,7 @@ class GatewayTCPServer(TCPServer):
         self._client_watch = ClientWatch()
         # Each connection's own state dict (hypercorn shares one among all): each request's
         # scope["state"] is a shallow copy of it, so the requests of a connection share its watch.
-        self.state = ConnectionState({**self.state, CLIENT_WATCH: self._client_watch})
+        self.state = ConnectionState({**self.state, CLIENT_WATCH: self._client_watch, BODY_WRITER: self.write_body})
         #: the client's socket, written to directly when nothing else is writing (plain TCP only)
         self._plain_socket = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
 
@@ -144,6 +154,24 @@ class GatewayTCPServer(TCPServer):
             self._keep_alive_wait = event.idle and not self._next_request_begun()
             self._heads_received += not event.idle
         await super().protocol_send(event)
+
+    async def write_body(self, data: bytes) -> None:
+        """Send one more chunk of the HTTP/1.x response under way: h11's framing, then the write.
+
+        For a response whose head went through ASGI (``http.response.start``:
+        hypercorn's state and header checks) and whose end will (the last
+        ``http.response.body``): in between, this is what hypercorn does per
+        body message, less its layers. Errors as hypercorn has them: a
+        connection whose client broke the protocol takes nothing more.
+        """
+        connection = self.protocol.protocol.connection
+        try:
+            framed = connection.send(h11.Data(data=data))
+        except h11.LocalProtocolError:
+            if connection.their_state is not h11.ERROR:
+                raise
+            return
+        await self.protocol_send(RawData(framed))
 
     def _send_now(self, data: bytes) -> bytes | None:
         """Write what the socket takes at once, without awaiting; return the rest (``None``: the client is gone).
