@@ -34,6 +34,9 @@ Invariants:
   preceded by one ``: sluice {...}`` figures comment. Nothing follows it.
 * Retries happen only while nothing of the upstream's body has reached the
   channel (pings are comments, not content).
+* A client that leaves mid-stream gets nothing more, least of all an end;
+  its upstream connections are shut down the moment the gateway learns of
+  it (:meth:`StreamRelay.client_gone`), before the stream's tasks unwind.
 * The stream's memory bound in the gateway is in bytes: its
   :class:`~sluice.budget.StreamBudget`. The producer takes a batch's bytes
   from it before the batch enters the channel
