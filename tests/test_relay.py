@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import h11
 import httpx2
 import pytest
 import trio
 
+from sluice.connection import KeepAliveHTTPConnection
 from sluice.simulator import simulated_tokens
 
 from .support import Gateway, GatewayFactory, RunningSimulator, chat_body, stream_chat, wait_until
@@ -110,6 +113,92 @@ async def test_client_disconnect_closes_the_upstream_request(
     await wait_until(lambda: gateway.state.metrics.active_streams == 0)
     assert gateway.state.metrics.outcomes["client_disconnect"] == 1
     assert simulator.stats.requests_completed == 0
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_upstream_connection_ends_on_the_disconnect_before_the_stream_closes_its_response(
+    gateway: Gateway, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The upstream must not wait for the stream's tasks to be rescheduled and
+    # unwound to its response's close: the disconnect itself ends the upstream
+    # connection. Every close of an upstream response is held here until the
+    # simulator has seen its connection end; if only that close could end it,
+    # the hold runs out and the order is wrong.
+    raw = await RawStream.open(gateway.url, chat_body("sim:tokens=2000,itl_ms=10"))
+    await raw.read_until(b"data: {")
+    [record] = simulator.stats.records
+    upstream_ended_first: list[bool] = []
+    close_response = httpx2.Response.aclose
+
+    async def close_once_the_upstream_saw_the_end(response: httpx2.Response) -> None:
+        with trio.move_on_after(5.0):  # only a bound on the wait: the fix needs none of it
+            while record["closed_at"] is None:
+                await trio.sleep(0.005)
+        upstream_ended_first.append(record["closed_at"] is not None)
+        await close_response(response)
+
+    monkeypatch.setattr(httpx2.Response, "aclose", close_once_the_upstream_saw_the_end)
+    await (raw.close_fin() if how == "fin" else raw.close_rst())
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+    assert upstream_ended_first and all(upstream_ended_first)
+    assert gateway.state.metrics.outcomes["client_disconnect"] == 1
+    # The stream's own end is still a plain disconnect: nothing took the ended connection for an upstream fault.
+    assert gateway.state.metrics.outcomes.get("error:stream_interrupted", 0) == 0
+    # A connection ended that way is never handed to the next request.
+    follow_up = await RawStream.open(gateway.url, chat_body("sim:tokens=3"))
+    await follow_up.read_until(b"data: [DONE]")
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_upstream_connection_ends_when_the_gateway_reads_the_close_before_the_app_hears_of_it(
+    gateway: Gateway, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The connection's reader finds the client gone first; the upstream must not
+    # wait for the request's receiver task to take http.disconnect in a later turn.
+    # Here http.disconnect reaches the app only once the simulator has seen its
+    # connection end; if only the app could end it, the hold runs out.
+    upstream_ended_first: list[bool] = []
+    take_messages = KeepAliveHTTPConnection.handle_messages
+
+    async def hear_of_the_disconnect_late(self: Any, nursery: trio.Nursery, request: Any, receive: Any) -> None:
+        async def held_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                [record] = simulator.stats.records
+                with trio.move_on_after(5.0):  # only a bound on the wait: the fix needs none of it
+                    while record["closed_at"] is None:
+                        await trio.sleep(0.005)
+                upstream_ended_first.append(record["closed_at"] is not None)
+            return message
+
+        await take_messages(self, nursery, request, held_receive)
+
+    monkeypatch.setattr(KeepAliveHTTPConnection, "handle_messages", hear_of_the_disconnect_late)
+    raw = await RawStream.open(gateway.url, chat_body("sim:tokens=2000,itl_ms=10"))
+    await raw.read_until(b"data: {")
+    await (raw.close_fin() if how == "fin" else raw.close_rst())
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+    assert upstream_ended_first == [True]
+    assert gateway.state.metrics.outcomes["client_disconnect"] == 1
+
+
+async def test_a_half_closed_client_never_gets_a_clean_end_to_a_stream_cut_short(
+    gateway: Gateway, simulator: RunningSimulator
+) -> None:
+    # A client that shuts down its sending side can still read. The gateway
+    # takes it as leaving (hypercorn's rule) and ends the upstream at once; the
+    # response must then stop without its chunked end: a clean end without the
+    # API's terminal event would read as a complete, silently truncated stream.
+    raw = await RawStream.open(gateway.url, chat_body("sim:tokens=2000,itl_ms=10"))
+    await raw.read_until(b"data: {")
+    await raw.stream.send_eof()
+    with trio.fail_after(10):
+        await raw.read_all()
+    await wait_until(lambda: simulator.stats.requests_closed_by_client == 1)
+    assert raw.conn.their_state is not h11.DONE or b"data: [DONE]" in raw.body
+    assert b"data: [DONE]" not in raw.body
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0)
+    assert gateway.state.metrics.outcomes["client_disconnect"] == 1
 
 
 async def test_client_leaving_before_the_first_token_closes_the_upstream(

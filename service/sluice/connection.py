@@ -33,6 +33,16 @@ breaks the connection around the response in three ways, and
    proxy in front may have framed the body differently, which is how request
    smuggling starts).
 
+One more duty, for latency: when the client goes away mid-response, a
+response body that can act on it (:class:`LeavesUpstream`, the relay) is told
+at once, so it ends its upstream connections without waiting for the sender
+and the relay's producer to be rescheduled and unwound. Under Sluice's
+server (:mod:`sluice.http_server`) the connection's reader tells it, the
+moment its read finds the client gone (the body registers with the
+connection's :class:`~sluice.http_server.ClientWatch`); elsewhere (or if
+that did not happen) the receiver does, on ``http.disconnect``, before
+cancelling the request.
+
 Invariants: a response goes out only after the request body is complete, or
 with ``connection: close``; hypercorn's post-response work (close, or the
 keep-alive timer) always runs; the sender still cancels the receiver when it
@@ -42,14 +52,24 @@ is done, and a client that goes away mid-response still cancels the sender.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
-from quart.wrappers import Request
+from quart.utils import encode_headers
+from quart.wrappers import Request, Response
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from . import errors
+from .http_server import BODY_WRITER, CLIENT_WATCH
+
+
+@runtime_checkable
+class LeavesUpstream(Protocol):
+    """A response body with an upstream to end at once when its client goes away."""
+
+    def client_gone(self) -> None:
+        """The client left mid-response: end the upstream now; must not block or raise."""
 
 
 class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
@@ -66,6 +86,8 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
         self._final_send_begun = False
         #: the request is refused from its head alone: answer at once and close
         self._refused_from_head = _has_conflicting_framing(scope)
+        #: the response body being sent, when it has an upstream to end on a disconnect
+        self._leaves_upstream: LeavesUpstream | None = None
 
     async def handle_messages(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable
@@ -86,6 +108,8 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
             elif message["type"] == "http.disconnect":
                 break
         if not self._final_send_begun:
+            if self._leaves_upstream is not None:
+                self._leaves_upstream.client_gone()
             nursery.cancel_scope.cancel()
 
     async def handle_request(  # type: ignore[override]
@@ -107,6 +131,25 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
             return
         await super().handle_request(nursery, request, send_in_order)
 
+    async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
+        if not (isinstance(response, Response) and isinstance(response.response, LeavesUpstream)):
+            await super()._send_response(send, response)
+            return
+        body = self._leaves_upstream = response.response
+        state = self.scope.get("state") or {}
+        watch = state.get(CLIENT_WATCH)
+        write_body = state.get(BODY_WRITER) if self.scope["http_version"] in ("1.0", "1.1") else None
+        if watch is not None:
+            watch.add(body.client_gone)
+        try:
+            if write_body is None:
+                await super()._send_response(send, response)
+            else:
+                await _send_streamed(send, response, write_body)
+        finally:
+            if watch is not None:
+                watch.discard(body.client_gone)
+
     async def _after_request_body(self, start: Any) -> Any:
         """Wait (bounded) for the unread rest of the request body; if it does not come, close after the response."""
         limit: int | None = self.app.config["MAX_CONTENT_LENGTH"]
@@ -120,6 +163,21 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
             return start
         headers = [(name, value) for name, value in start.get("headers", ()) if name.lower() != b"connection"]
         return {**start, "headers": [*headers, (b"connection", b"close")]}
+
+
+async def _send_streamed(send: ASGISendCallable, response: Response, write_body: Any) -> None:
+    """Quart's ``_send_response`` for a streamed body, its chunks written by the server's ``write_body``.
+
+    The head and the end go through ASGI as in Quart (the end is what
+    :meth:`KeepAliveHTTPConnection.handle_request` watches for); each chunk
+    in between skips the per-message layers (see :mod:`sluice.http_server`).
+    """
+    await send({"type": "http.response.start", "status": response.status_code, "headers": encode_headers(response.headers)})
+    async with response.response as chunks:
+        async for data in chunks:
+            if data:
+                await write_body(data)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _has_conflicting_framing(scope: HTTPScope) -> bool:

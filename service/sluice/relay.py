@@ -34,6 +34,9 @@ Invariants:
   preceded by one ``: sluice {...}`` figures comment. Nothing follows it.
 * Retries happen only while nothing of the upstream's body has reached the
   channel (pings are comments, not content).
+* A client that leaves mid-stream gets nothing more, least of all an end;
+  its upstream connections are shut down the moment the gateway learns of
+  it (:meth:`StreamRelay.client_gone`), before the stream's tasks unwind.
 * The stream's memory bound in the gateway is in bytes: its
   :class:`~sluice.budget.StreamBudget`. The producer takes a batch's bytes
   from it before the batch enters the channel
@@ -80,6 +83,8 @@ log = logging.getLogger("sluice.stream")
 
 #: how long a finished stream may keep reading the upstream's end of body
 REUSE_GRACE = 0.25
+#: how long a stream whose client left waits for the request's cancellation before it stops by itself
+CLIENT_GONE_GRACE = 5.0
 
 OpenUpstream = Callable[[], Awaitable[OpenedStream]]
 #: open the request again after ``failed`` broke before any content (elsewhere when there is an elsewhere)
@@ -154,6 +159,8 @@ class StreamRelay(ResponseBody):
         self._producer_scope = trio.CancelScope()
         self._finished = False
         self._released = False
+        #: the client went away (:meth:`client_gone`): nothing more is written, least of all an end
+        self._client_left = False
 
     # --- before the response head -------------------------------------------------
 
@@ -222,6 +229,37 @@ class StreamRelay(ResponseBody):
         finally:
             await self.release()
 
+    def client_gone(self) -> None:
+        """The client went away mid-stream: stop the producers and end their upstream connections now.
+
+        Called synchronously by whoever learns of it first: the connection's
+        reader the moment its read finds the client gone
+        (:class:`~sluice.http_server.ClientWatch`), else the request's receiver
+        on ``http.disconnect``. The upstream sees the close in that same
+        scheduling step, not after the consumer and the producer have each
+        been rescheduled and unwound and the producer has closed its response
+        (two to four more turns of trio's run queue: milliseconds at load).
+        The producers are cancelled first, so none reads the shut-down
+        connection and takes it for an upstream failure. The request's own
+        cancellation follows (hypercorn hands the app ``http.disconnect``);
+        until it lands, the consumer writes nothing: a stream its client left
+        never ends with a clean terminal event. :meth:`release` still closes
+        every response, as for any other end.
+        """
+        if self._finished or self._client_left:
+            return  # the upstream is done with: the usual unwinding suffices
+        self._client_left = True
+        self._producer_scope.cancel()
+        for producer in self._race.producers:
+            if producer.opened is not None:
+                producer.opened.shut_down()
+
+    async def _await_cancellation(self) -> bytes:
+        """The client left: wait for the request's cancellation, which is on its way; bounded, never a hang."""
+        with trio.move_on_after(CLIENT_GONE_GRACE):
+            await trio.sleep_forever()
+        raise StopAsyncIteration  # (not reached in practice: hypercorn closed the connection long before)
+
     async def release(self) -> None:
         """Close the upstream response and account for the stream; idempotent, shielded."""
         if self._released:
@@ -245,6 +283,8 @@ class StreamRelay(ResponseBody):
             self._in_flight = 0
         if self._finished:
             raise StopAsyncIteration
+        if self._client_left:
+            return await self._await_cancellation()
         receive = self._receive
         backpressure = self._backpressure
         try:
@@ -265,6 +305,8 @@ class StreamRelay(ResponseBody):
                 else:
                     item = await receive.receive()
         except trio.EndOfChannel:
+            if self._client_left:
+                return await self._await_cancellation()
             return self._finish()
         # Batch: whatever else is already queued goes out in the same write,
         # up to half the budget (so a drop policy always has queued batches
@@ -278,6 +320,8 @@ class StreamRelay(ResponseBody):
             except trio.WouldBlock:
                 break
             except trio.EndOfChannel:
+                if self._client_left:
+                    break  # no end for a client that left (the next call waits for the cancellation)
                 if parts is None:
                     parts = [item]
                 parts.append(self._finish())

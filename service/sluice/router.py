@@ -21,7 +21,8 @@ Invariants:
 * Every :class:`OpenedStream` counts as active on its deployment until its
   :meth:`OpenedStream.aclose`, which closes the upstream response; it is
   idempotent and shielded, so the cancellation of a client disconnect still
-  closes the provider's socket.
+  closes the provider's socket. :meth:`OpenedStream.shut_down` ends an
+  HTTP/1.1 upstream connection at once, without awaiting (the client is gone).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,6 +125,29 @@ class OpenedStream:
         self.deployment = deployment
         self._closed = False
         deployment.active += 1
+
+    def shut_down(self) -> None:
+        """The client is gone: end the upstream connection now, synchronously (HTTP/1.1 only).
+
+        ``shutdown(SHUT_RDWR)`` sends the provider its FIN at once, from
+        whichever task learns of the disconnect first, rather than when the
+        producer has been scheduled, unwound and has taken httpcore2's
+        connection lock. The descriptor stays open (a task blocked on it is
+        not disturbed) until :meth:`aclose` closes the response as always; a
+        connection shut down this way can never be reused: httpcore2 finds it
+        readable (at EOF) and discards it. An HTTP/2 connection carries other
+        streams: it is left to :meth:`aclose`, which resets only this one.
+        """
+        response = self.response
+        if self._closed or response.extensions.get("http_version") != b"HTTP/1.1":
+            return
+        network_stream = response.extensions.get("network_stream")
+        if network_stream is None:
+            return
+        try:
+            network_stream.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError, AssertionError):
+            pass  # already gone, or a transport without a socket of its own: aclose() handles it
 
     async def aclose(self) -> None:
         if self._closed:
