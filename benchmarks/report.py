@@ -86,11 +86,16 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
     ref = REFERENCE
     # The instrument first: an upstream that is not far faster than every gateway hides their differences.
-    d, t = get("throughput", "direct"), get("throughput", "sluice")
-    if d and t and d["tokens_per_s"] and t["tokens_per_s"]:
-        check("instrument: direct tokens/s >= 5x Sluice's (the upstream is not the bottleneck)",
-              f"{d['tokens_per_s'] / t['tokens_per_s']:.1f}x ({d['tokens_per_s']:.0f} vs {t['tokens_per_s']:.0f})",
-              d["tokens_per_s"] >= 5 * t["tokens_per_s"])
+    # What the upstream and the load generator carry is the best of direct and nginx: direct puts both
+    # on one core, where they trade small socket windows turn by turn (measured: direct ~110 000
+    # tokens/s, the same upstream and load generator through nginx on the other core ~640 000).
+    t = get("throughput", "sluice")
+    relayed = [row for row in (get("throughput", "direct"), get("throughput", "nginx")) if row and row["tokens_per_s"]]
+    if relayed and t and t["tokens_per_s"]:
+        best = max(relayed, key=lambda row: row["tokens_per_s"])
+        check("instrument: upstream + load generator (best of direct, nginx) tokens/s >= 5x Sluice's",
+              f"{best['tokens_per_s'] / t['tokens_per_s']:.1f}x ({best['gateway']} {best['tokens_per_s']:.0f} vs {t['tokens_per_s']:.0f})",
+              best["tokens_per_s"] >= 5 * t["tokens_per_s"])
     f = get("throughput", ref)
     if t and f and t["tokens_per_s"] and f["tokens_per_s"]:
         ratio = t["tokens_per_s"] / f["tokens_per_s"]
