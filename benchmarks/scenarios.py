@@ -56,7 +56,8 @@ def build(quick: bool, smoke: bool) -> dict[str, Scenario]:
     # This machine's speed drifts by tens of percent between runs seconds apart
     # (a shared VM): ratios come from interleaved rounds, each gateway's median.
     rounds = 1 if (smoke or quick) else 3
-    capacity_steps = [25, 50, 100] if (smoke or quick) else [25, 50, 100, 150, 200, 300, 400]
+    # Finer between 50 and 100: where a gateway on one of these cores saturates at 20 ms a token.
+    capacity_steps = [25, 50, 100] if (smoke or quick) else [25, 50, 60, 70, 80, 90, 100, 150, 200, 300, 400]
     return {
         "sustained": Scenario(
             "sustained", [("25", {"streams": 25, "model": sustained_model(tokens), "ramp_s": 1.0})], tokens, repeats=rounds
