@@ -249,3 +249,41 @@ def plot(rows: list[dict[str, Any]], stem: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f"{stem}-capacity.png"), dpi=100)
     plt.close(fig)
+
+
+def compare(runs: list[tuple[str, str]]) -> str:
+    """Issue 17's targets side by side over several results files: ``[(label, path), ...]`` -> Markdown.
+
+    Each column is one run's own check (every ratio within that run), so the
+    runs compare by what they say against their own reference, not by
+    absolute numbers taken on different days.
+    """
+    checks: dict[str, dict[str, tuple[str, str]]] = {}
+    order: list[str] = []
+    for label, path in runs:
+        with open(path) as handle:
+            rows = json.load(handle)["rows"]
+        add_ratios(rows)
+        for name, value, status in targets(rows):
+            if status == "n/a" and "layers" not in name:
+                continue
+            if name not in checks:
+                checks[name] = {}
+                order.append(name)
+            checks[name][label] = (value, status)
+    labels = [label for label, _ in runs]
+    lines = ["| target | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for name in order:
+        cells = []
+        for label in labels:
+            value, status = checks[name].get(label, ("", ""))
+            cells.append(f"{value} **{status}**" if status in ("met", "missed") else value)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.report LABEL=results/a.json LABEL=results/b.json ...: the targets side by side
+    import sys
+
+    print(compare([tuple(arg.split("=", 1)) for arg in sys.argv[1:]]))  # type: ignore[misc]
