@@ -55,8 +55,8 @@ import json
 import socket
 import sys
 import time
-from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -69,6 +69,7 @@ from sluice.simulator.behaviour import (
     iter_tokens,
     parse_behaviour,
 )
+from sluice.simulator.server import SimulatorStats  # the /sim/stats fields the benchmark reads
 
 #: the largest request head and body accepted; the load generator's are a few hundred bytes
 MAX_HEAD = 64 * 1024
@@ -208,29 +209,11 @@ class Connection:
             self.sock.close()
 
 
-@dataclass
-class Stats:
-    """The simulator's ``/sim/stats`` fields the benchmark reads."""
-
-    connections_accepted: int = 0
-    requests_started: int = 0
-    requests_completed: int = 0
-    requests_closed_by_client: int = 0
-    requests_faulted: int = 0
-    active_requests: int = 0
-    records: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
-
-    def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["records"] = list(self.records)
-        return data
-
-
 class FastUpstream:
     """The server: an accept loop and one task per connection."""
 
     def __init__(self) -> None:
-        self.stats = Stats()
+        self.stats = SimulatorStats()
         self.port: int | None = None
         self._cache: OrderedDict[Shape, Rendering] = OrderedDict()
         self._ids = 0
@@ -308,7 +291,7 @@ class FastUpstream:
         elif path == b"/sim/stats":
             await conn.send_all(simple_response(200, json.dumps(self.stats.as_json()).encode()))
         elif path == b"/sim/reset" and method == b"POST":
-            self.stats = Stats()
+            self.stats = SimulatorStats()
             await conn.send_all(simple_response(200, b'{"reset":true}'))
         elif path == b"/health":
             await conn.send_all(simple_response(200, b'{"status":"ok"}'))
