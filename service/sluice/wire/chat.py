@@ -94,14 +94,30 @@ class ChatFramer:
         return payload
 
     def _without_usage_chunk(self, payload: bytes) -> bytes:
-        """``payload`` less the usage-only chunk(s) the gateway asked for (rare path: parses them)."""
-        events = payload.split(b"\n\n")
-        events.pop()
-        kept = [event for event in events if not _is_usage_only(event)]
-        if len(kept) == len(events):
+        """``payload`` less the usage-only chunk(s) the gateway asked for (rare path: parses them).
+
+        Only the events that mention ``"usage"`` are looked at: the read that
+        carries the usage chunk is often a whole fast stream's tail, hundreds
+        of events, and splitting it into events to check each one cost ~4 %
+        of the gateway's CPU at full throughput.
+        """
+        kept: list[bytes] = []
+        copied = 0  # payload[:copied] is decided
+        found = payload.find(b'"usage"')
+        while found >= 0:
+            start = payload.rfind(b"\n\n", copied, found)
+            start = copied if start < 0 else start + 2
+            end = payload.find(b"\n\n", found)
+            end = len(payload) if end < 0 else end + 2
+            if _is_usage_only(payload[start : end - 2]):
+                kept.append(payload[copied:start])
+                copied = end
+                self._stripped += 1
+            found = payload.find(b'"usage"', end)
+        if not copied:
             return payload
-        self._stripped += len(events) - len(kept)
-        return b"".join(event + b"\n\n" for event in kept)
+        kept.append(payload[copied:])
+        return b"".join(kept)
 
     @property
     def finished(self) -> bool:
