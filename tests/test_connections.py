@@ -353,3 +353,34 @@ async def test_at_the_fd_limit_the_gateway_serves_its_connections_and_sheds_new_
     ended = [json.loads(line) for line in log.splitlines() if '"connections_shed"' in line]
     assert len(started) == 1, log[-3000:]  # one line when shedding starts, not one per accept
     assert len(ended) == 1 and ended[0]["count"] >= 21  # and one when it ends, with the count
+
+
+# --- the body's chunked framing, written by the gateway itself --------------------------
+
+
+async def test_streams_framed_by_the_gateway_are_whole_chunked_bodies_and_the_connection_serves_the_next_request(
+    connection: RawConnection,
+) -> None:
+    # GatewayTCPServer.write_body frames a stream's chunks itself, outside
+    # h11: a strict client (h11) must read every byte as valid chunked
+    # framing, and the server's h11 must still end the response and start the
+    # next cycle, or the next request on the socket would hang.
+    from sluice.simulator import simulated_tokens
+
+    with trio.fail_after(HANG_GUARD):
+        for n, model in enumerate(["sim:tokens=30,itl_ms=2", "sim:tokens=300", "sim:tokens=1"]):
+            await connection.send_request(
+                "POST", "/v1/chat/completions", json.dumps(chat_body(model, content=f"story {n}")).encode()
+            )
+            status, headers, body = await connection.read_response()
+            assert status == 200 and headers["transfer-encoding"] == "chunked"
+            events = body.split(b"\n\n")
+            assert events.pop() == b"" and events[-1] == b"data: [DONE]" and events[-2].startswith(b": sluice ")
+            text = "".join(
+                json.loads(event[6:])["choices"][0]["delta"].get("content") or ""
+                for event in events[:-2]
+            )
+            assert text == "".join(simulated_tokens(f"story {n}", int(model.split("=")[1].split(",")[0])))
+        await connection.send_request("POST", "/v1/chat/completions", chat_bytes())
+        status, _, body = await connection.read_response()
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]

@@ -8,7 +8,9 @@ chunk, inside a size line, between a chunk and its CRLF, all in one read.
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -31,6 +33,9 @@ def chunk(data: bytes) -> bytes:
 
 WIRE = b"".join(chunk(event) for event in EVENTS) + b"0\r\n\r\n"
 FIRST = chunk(EVENTS[0])
+
+#: a script item: the upstream resets the connection (RST) instead of writing
+RESET = b"<reset>"
 
 #: how the head and body reach the client: each item is one write
 SPLITS = {
@@ -87,6 +92,11 @@ async def upstream(request: pytest.FixtureRequest, nursery: trio.Nursery) -> Asy
                 for write in scripted.scripts.pop(0):
                     if write is None:
                         return
+                    if write is RESET:
+                        tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+                        assert isinstance(tcp, trio.SocketStream)
+                        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return  # closed with SO_LINGER 0: a reset
                     await stream.send_all(write)
                     await trio.sleep(0.005)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -239,6 +249,23 @@ async def _read_until_error(body: UpstreamBody) -> None:
             pass
     finally:
         await body.aclose()
+
+
+async def test_a_reset_mid_body_is_a_read_error_and_the_next_request_gets_a_new_connection(
+    upstream: tuple[ScriptedUpstream, httpx2.AsyncClient],
+) -> None:
+    scripted, client = upstream
+    scripted.scripts = [[HEAD, FIRST, RESET], SPLITS["everything in one read"]]
+    with pytest.raises(httpx2.ReadError):
+        async with client.stream("POST", scripted.url, content=b"{}") as response:
+            body = UpstreamBody(response)
+            try:
+                assert await body.read() == EVENTS[0]
+                await body.read()  # the socket was emptied: this read waits, then finds the reset
+            finally:
+                await body.aclose()
+    assert (await fetch(client, scripted.url, direct=True))[0] == PAYLOAD
+    assert scripted.connections == 2
 
 
 async def test_malformed_framing_is_a_protocol_error_and_its_connection_is_closed(

@@ -145,6 +145,21 @@ def test_the_openai_sdk_reads_the_stripped_stream_as_a_stream_without_usage() ->
     assert all(item.usage is None for item in items)
 
 
+USAGE_NULL_CHUNK = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"u"}}],"usage":null}\n\n'
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from(["content", "usage", "usage_null"]), max_size=30))
+def test_only_usage_only_chunks_are_stripped_wherever_they_sit_in_a_read(kinds: list[str]) -> None:
+    events = {"content": chunk("a"), "usage": USAGE_CHUNK, "usage_null": USAGE_NULL_CHUNK}
+    stream = b"".join(events[kind] for kind in kinds)
+    framer = ChatFramer(strip_usage=True)
+    out = framer.feed(stream + DONE_EVENT)
+    assert out == b"".join(events[kind] for kind in kinds if kind != "usage")
+    assert framer.events == sum(kind != "usage" for kind in kinds)
+    assert framer.done
+
+
 @settings(max_examples=200)
 @given(st.lists(st.text(max_size=10), max_size=20), st.booleans(), st.data())
 def test_every_split_of_a_stream_decides_as_feeding_it_whole(texts: list[str], strip: bool, data: st.DataObject) -> None:

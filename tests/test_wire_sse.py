@@ -133,23 +133,29 @@ event_kinds = st.one_of(
     st.just(b"data: x}\n\n"),
     st.just(b'data: {"content":"data: {"}\n\n'),
     st.just(b"\n\n"),
+    st.just(b'data: {"choices":[{"delta":{"content":"e"}}],"error":null}\n\n'),
 )
 
 
 @settings(max_examples=400)
 @given(
-    events=st.lists(event_kinds, min_size=1, max_size=12),
+    events=st.lists(event_kinds, min_size=1, max_size=30),
     tail=st.sampled_from([b"", b'data: {"partial', b"data: [DO"]),
 )
 @example(events=[chunk("a"), b"data: x}\n\n"], tail=b"")
 @example(events=[chunk("a"), b"data: {\n: comment}\n\n"], tail=b"")
 @example(events=[chunk("a"), b"data: {unclosed\n\n"], tail=b"")
 @example(events=[chunk("a"), b"data: [DONE]\n\n"], tail=b'data: {"partial')
+@example(events=[chunk("a"), chunk("b"), b'data: {"choices":[],"usage":{"completion_tokens":3}}\n\n', b"data: [DONE]\n\n"], tail=b"")
+@example(events=[chunk("a"), chunk("b"), b'data: {"error":{"message":"boom"}}\n\n', chunk("c")], tail=b"")
+@example(events=[chunk("a"), b'data: {"choices":[{"delta":{"content":"e"}}],"error":null}\n\n', chunk("c")], tail=b"")
+@example(events=[chunk("a"), b"data: x}\n\n", b'data: {"choices":[],"usage":{"completion_tokens":3}}\n\n'], tail=b"")
+@example(events=[b": ping\n\n", chunk("a"), b'data: {"choices":[],"usage":{"completion_tokens":3}}\n\n'], tail=b"")
 def test_the_whole_read_fast_path_decides_as_the_event_by_event_scan(events: list[bytes], tail: bytes) -> None:
     read = b"".join(events) + tail
     fast = EventFramer()
     fast_out = fast.feed(read)
-    with mock.patch.object(sse, "_plain_data_events", lambda events: False):
+    with mock.patch.object(sse, "_plain_data_events", lambda events: 0):
         each = EventFramer()
         each_out = each.feed(read)
     assert fast_out == each_out

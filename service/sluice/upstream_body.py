@@ -3,8 +3,9 @@
 httpx2 still does everything else for an upstream request: connecting, TLS,
 proxies, the pool, the request, the response head, retries' bookkeeping.
 Once the head of an HTTP/1.1 ``Transfer-Encoding: chunked`` response is in,
-:class:`UpstreamBody` reads the body itself: ``receive_some`` on the
-connection's trio stream (a TLS stream when the upstream is https) and
+:class:`UpstreamBody` reads the body itself: a plain ``recv`` on the
+connection's socket (``receive_some`` on its trio stream when the upstream
+is https) and
 :class:`~sluice.wire.chunked.ChunkedDecoder` for the framing.
 
 Why: an LLM stream is one small chunk per token, and every chunk read
@@ -70,6 +71,7 @@ Invariants:
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -128,7 +130,7 @@ def direct_reader_parts(
 class UpstreamBody:
     """One upstream response's body, read chunk by chunk; see the module docstring."""
 
-    __slots__ = ("_response", "_ended", "_h11", "_stream", "_decoder", "_buffered", "_fallback")
+    __slots__ = ("_response", "_ended", "_h11", "_stream", "_socket", "_drained", "_decoder", "_buffered", "_fallback")
 
     def __init__(self, response: httpx2.Response) -> None:
         self._response = response
@@ -140,6 +142,10 @@ class UpstreamBody:
             self._fallback = response.aiter_raw()
             return
         self._h11, h11_buffer, self._stream = parts
+        #: the plain TCP socket behind the stream, read without trio's stream layers (``None``: TLS)
+        self._socket = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+        #: the last read took all the socket had (less than it asked for): wait before the next
+        self._drained = False
         self._decoder = ChunkedDecoder()
         #: body bytes that came in with the head, taken out of h11's buffer
         self._buffered: bytes | None = bytes(h11_buffer.maybe_extract_at_most(len(h11_buffer)) or b"") or None
@@ -173,8 +179,11 @@ class UpstreamBody:
                 return payload
         while not decoder.finished:
             try:
-                data = await self._stream.receive_some(max_bytes)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if self._socket is not None:
+                    data = await self._receive(self._socket, max_bytes)
+                else:
+                    data = await self._stream.receive_some(max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise httpx2.ReadError(f"The upstream connection broke: {exc!r}") from exc
             if not data:
                 raise httpx2.RemoteProtocolError(
@@ -185,6 +194,35 @@ class UpstreamBody:
                 return payload
         self._ended = True
         return b""
+
+    async def _receive(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+        """``receive_some`` on a plain socket, waiting first when the last read emptied it.
+
+        trio's socket tries the read first and waits only when it fails: a
+        stream whose tokens come one at a time (the usual LLM stream) then
+        pays a failing ``recv`` and its ``BlockingIOError`` on every token
+        before the wait. After a read that took less than it asked for, the
+        socket is most likely empty, so this waits first; after a full read
+        it reads first, and yields after it as trio does, so a fast upstream
+        cannot starve the other tasks. Errors are ``OSError``s (the caller
+        maps them; ``fileno()`` is -1 once closed: ``EBADF``).
+        """
+        waited = self._drained
+        if waited:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                data = os.read(sock.fileno(), max_bytes)  # a plain recv(2)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            self._drained = len(data) < max_bytes
+            return data
 
     async def aclose(self) -> None:
         """Stop reading. A body not read to its end closes its response now (shielded).

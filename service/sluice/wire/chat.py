@@ -33,6 +33,7 @@ only merges ``delta`` chunks, so legacy completions have their own
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+#: where a chunk carries a usage object (not ``"usage":null``)
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 class ChatFramer:
@@ -94,14 +97,33 @@ class ChatFramer:
         return payload
 
     def _without_usage_chunk(self, payload: bytes) -> bytes:
-        """``payload`` less the usage-only chunk(s) the gateway asked for (rare path: parses them)."""
-        events = payload.split(b"\n\n")
-        events.pop()
-        kept = [event for event in events if not _is_usage_only(event)]
-        if len(kept) == len(events):
+        """``payload`` less the usage-only chunk(s) the gateway asked for (rare path: parses them).
+
+        Only the events that carry a usage object are looked at: the read that
+        carries the usage chunk is often a whole fast stream's tail, hundreds
+        of events, and splitting it into events to check each one cost ~4 %
+        of the gateway's CPU at full throughput.
+        """
+        kept: list[bytes] = []
+        copied = 0  # payload[:copied] is decided
+        # A usage *object*: OpenAI-style upstreams send `"usage":null` in every
+        # chunk once usage is asked for, and those are content, not to be parsed.
+        found = _USAGE_OBJECT.search(payload)
+        while found is not None:
+            at = found.start()
+            start = payload.rfind(b"\n\n", copied, at)
+            start = copied if start < 0 else start + 2
+            end = payload.find(b"\n\n", at)
+            end = len(payload) if end < 0 else end + 2
+            if _is_usage_only(payload[start : end - 2]):
+                kept.append(payload[copied:start])
+                copied = end
+                self._stripped += 1
+            found = _USAGE_OBJECT.search(payload, end)
+        if not copied:
             return payload
-        self._stripped += len(events) - len(kept)
-        return b"".join(event + b"\n\n" for event in kept)
+        kept.append(payload[copied:])
+        return b"".join(kept)
 
     @property
     def finished(self) -> bool:

@@ -125,13 +125,23 @@ class EventFramer:
         # events per read).
         done = complete.endswith(DONE_EVENT)
         events = complete[: -len(DONE_EVENT)] if done else complete
-        if not events or _plain_data_events(events):
+        if not events or (count := _plain_data_events(events)):
             if events:
-                self._count(events, events.count(b"\n\n"))
+                self._count(events, count)
             if done:
                 self.done = True
                 self._pending = b""  # nothing after [DONE] is read
             return events
+        # The read that carries the usage chunk or an error event is often a
+        # fast stream's whole tail (hundreds of events): the plain events
+        # before the first such event are still checked in bulk, the rest one
+        # by one.
+        cut = _start_of_first_marked_event(events)
+        if cut > 0:
+            head = complete[:cut]
+            if count := _plain_data_events(head):
+                self._count(head, count)
+                return head + self._scan_each(complete[cut:])
         return self._scan_each(complete)
 
     def _scan_each(self, complete: bytes) -> bytes:
@@ -199,18 +209,39 @@ class EventFramer:
             self.usage = usage
 
 
-def _plain_data_events(events: bytes) -> bool:
-    """Every event in ``events`` (whole events) is one ``data: {...}`` line with no error or usage."""
-    count = events.count(b"\n\n")
-    return (
-        events.count(b"\n") == 2 * count  # one line per event
-        and events.startswith(b"data: {")
-        and events.count(b"}\n\ndata: {") == count - 1
+def _plain_data_events(events: bytes) -> int:
+    """How many events ``events`` (whole events) holds if each is one ``data: {...}`` line with no error or usage; else 0.
+
+    Each scan of a read costs ~0.1-0.2 us per event here (a read at full
+    throughput holds ~160 events), so the count comes from the boundaries
+    already checked, not from a count of blank lines of its own: with
+    ``k`` boundaries ``}\\n\\ndata: {``, a start ``data: {``, an end
+    ``}\\n\\n`` and exactly ``2 (k + 1)`` newlines, there is no newline
+    anywhere else, so the read is exactly ``k + 1`` one-line events.
+    """
+    count = events.count(b"}\n\ndata: {") + 1
+    if (
+        events.startswith(b"data: {")
         and events.endswith(b"}\n\n")
+        and events.count(b"\n") == 2 * count  # one line per event
         and b'"error"' not in events
         and b'"usage":{' not in events
         and b'"usage": {' not in events
-    )
+    ):
+        return count
+    return 0
+
+
+_MARKERS = (b'"error"', b'"usage":{', b'"usage": {')
+
+
+def _start_of_first_marked_event(events: bytes) -> int:
+    """Where the first event that mentions an error or a usage object starts (whole events), or -1."""
+    found = [at for marker in _MARKERS if (at := events.find(marker)) >= 0]
+    if not found:
+        return -1
+    boundary = events.rfind(b"\n\n", 0, min(found))
+    return boundary + 2 if boundary >= 0 else 0
 
 
 def _classify(event: bytes) -> tuple[str, bytes]:
