@@ -227,6 +227,31 @@ async def test_a_half_sent_second_request_is_held_only_for_the_head_timeout(star
             assert await connection.read_until_eof() == b""
 
 
+async def test_requests_outlasting_both_deadlines_are_served_whole_then_the_keep_alive_wait_closes(
+    start_gateway: GatewayFactory,
+) -> None:
+    """The idle timer runs only while the connection waits for a head or between requests.
+
+    Each request here takes ~0.8 s against deadlines of 0.25 s: a timer not
+    stopped when a head came (or a stale one acting after a restart) would
+    cut them.
+    """
+    gateway = await start_gateway(keep_alive_timeout=0.25, request_head_timeout=0.25)
+    connection = await RawConnection.open(gateway.url)
+    async with connection.stream:
+        with trio.fail_after(HANG_GUARD):
+            for _ in range(2):
+                await connection.send_request(
+                    "POST", "/v1/chat/completions", json.dumps(chat_body("sim:tokens=8,itl_ms=100")).encode(),
+                    headers={"content-type": "application/json"},
+                )
+                status, _, body = await connection.read_response()
+                assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+                assert body.count(b'"content"') >= 8
+            assert await connection.read_until_eof() == b""  # then the keep-alive wait ends it
+    await wait_until(lambda: gateway.state.metrics.active_streams == 0, timeout=HANG_GUARD)
+
+
 async def test_a_slow_but_complete_head_is_served(start_gateway: GatewayFactory) -> None:
     gateway = await start_gateway(keep_alive_timeout=300, request_head_timeout=5)
     connection = await RawConnection.open(gateway.url)

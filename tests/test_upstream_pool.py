@@ -17,9 +17,10 @@ from httpcore2._backends.trio import TrioStream
 
 from sluice.policies import RetryPolicy
 from sluice.upstream import UpstreamClient
+from sluice.upstream_body import UpstreamBody
 from sluice.upstream_pool import UpstreamTransport
 
-from .support import RunningSimulator, wait_until
+from .support import GatewayFactory, RunningSimulator, wait_until
 
 
 async def test_pool_still_serves_after_many_cancelled_streams(simulator: RunningSimulator) -> None:
@@ -83,8 +84,14 @@ class KeepAliveServer:
     keep-alive timeout fired does to a connection the client keeps pooled.
     """
 
-    def __init__(self, *, close_after_response: bool = False, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, *, close_after_response: bool = False, tls: ssl.SSLContext | None = None, set_cookie: bool = False
+    ) -> None:
         self.close_after_response = close_after_response
+        #: answer every request with a ``set-cookie`` (as some providers' load balancers do)
+        self.set_cookie = set_cookie
+        #: every request head received, in order
+        self.heads: list[bytes] = []
         self.tls = tls
         self.requests = 0
         self.connections = 0
@@ -112,6 +119,7 @@ class KeepAliveServer:
                         return
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
+                self.heads.append(head)
                 length = next(
                     (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
                     0,
@@ -121,8 +129,10 @@ class KeepAliveServer:
                 buffer = buffer[length:]
                 self.requests += 1
                 body = b'{"ok":true}'
+                cookie = b"set-cookie: affinity=client-%d; Path=/\r\n" % self.requests if self.set_cookie else b""
                 await stream.send_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n\r\n%s"
+                    % (cookie, len(body), body)
                 )
                 if self.close_after_response:
                     self.closed_by_server += 1
@@ -290,3 +300,60 @@ async def test_a_tls_request_s_head_and_body_go_out_in_one_write(nursery: trio.N
             assert response.status_code == 200 and response.json() == {"ok": True}
     assert writes and len(writes) == 1
     assert server.requests == 2 and server.connections == 1
+
+
+# --- requests go out on the transport, not through AsyncClient.send (issue 17) -------------------------
+
+
+async def test_a_stream_sent_on_the_transport_is_what_client_send_returns_and_is_read_directly(
+    simulator: RunningSimulator,
+) -> None:
+    # UpstreamClient sends on its transport, skipping AsyncClient.send's auth,
+    # redirect, cookie and hook machinery; the response must be the one
+    # client.send returns in what the gateway reads: its request, its status
+    # and headers, and the stream wrapper through which UpstreamBody finds the
+    # connection (or the body would be read through aiter_raw, at twice the cost).
+    upstream = UpstreamClient(
+        simulator.base_url, api_key=None, max_connections=4, connect_timeout=5, retry_policy=RetryPolicy(max_attempts=1)
+    )
+    body = b'{"model":"sim:tokens=5","stream":true,"messages":[{"role":"user","content":"x"}]}'
+    with trio.fail_after(10):
+        ours = await upstream.open_chat_stream(body)
+        theirs = await upstream._client.send(upstream.chat_request(body), stream=True)
+        read = []
+        for response in (ours, theirs):
+            reader = UpstreamBody(response)
+            try:
+                assert reader.direct
+                parts = []
+                while part := await reader.read():
+                    parts.append(part)
+                read.append(b"".join(parts))
+            finally:
+                await reader.aclose()
+    assert type(ours.stream) is type(theirs.stream)
+    assert ours.request.url == theirs.request.url and ours.request.content == body
+    assert (ours.status_code, ours.http_version) == (theirs.status_code, theirs.http_version) == (200, "HTTP/1.1")
+    assert ours.headers["content-type"] == theirs.headers["content-type"]
+    assert read[0].count(b"data: ") == read[1].count(b"data: ") > 5  # 5 tokens, the final chunk(s) and [DONE]
+    await upstream.aclose()
+
+
+async def test_an_upstreams_cookie_never_reaches_another_clients_request(
+    nursery: trio.Nursery, start_gateway: GatewayFactory
+) -> None:
+    # One client per upstream is shared by every client of the gateway: a
+    # cookie the upstream set on one answer (a load balancer's affinity, a
+    # session) must not go upstream on anyone's later request.
+    server = KeepAliveServer(set_cookie=True)
+    await nursery.start(server.serve)
+    gateway = await start_gateway(upstream_base_url=f"http://127.0.0.1:{server.port}/v1")
+    with trio.fail_after(20):
+        async with httpx2.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            for _ in range(3):
+                answered = await client.post("/v1/embeddings", json={"model": "m", "input": "x"})
+                assert answered.status_code == 200
+                answered = await client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+                assert answered.status_code == 200
+    assert len(server.heads) == 6
+    assert not [head for head in server.heads if b"\r\ncookie:" in head.lower()]

@@ -273,61 +273,73 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
 
     keys = state.keys
 
+    # The streaming API a path is, if any (the request log and refusal metrics name it).
+    api_by_path = {entry.path: entry.grammar.name for entry in STREAMING_APIS}
+
     @app.before_request
     async def identify() -> None:
         """A request id for every request; a gateway key for everything under /v1/ when keys are set."""
-        g.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        g.started_at = trio.current_time()
-        g.key = None
-        g.api = next((a.grammar.name for a in STREAMING_APIS if a.path == request.path), None)
+        # One context lookup each, not one per attribute: ``request`` and ``g``
+        # are proxies that find the current context on every read (~1 us each).
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        here = g._get_current_object()  # type: ignore[attr-defined]
+        headers = req.headers
+        path = req.path
+        here.request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        here.started_at = trio.current_time()
+        here.key = None
+        here.api = api_by_path.get(path)
         trace = None
-        if tracing is not None and request.path.startswith("/v1/"):
-            rule = request.url_rule
-            trace = tracing.start(request.headers, request.method, rule.rule if rule is not None else request.path)
+        if tracing is not None and path.startswith("/v1/"):
+            rule = req.url_rule
+            trace = tracing.start(headers, req.method, rule.rule if rule is not None else path)
             exchange().trace = trace
-        if not keys.enabled or not request.path.startswith("/v1/"):
+        if not keys.enabled or not path.startswith("/v1/"):
             return
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        scheme, _, presented = headers.get("authorization", "").partition(" ")
         key = keys.lookup(presented.strip()) if scheme.lower() == "bearer" else None
-        if key is None and "x-api-key" in request.headers:
-            key = keys.lookup(request.headers["x-api-key"].strip())  # how Anthropic's SDKs send a key
+        if key is None and "x-api-key" in headers:
+            key = keys.lookup(headers["x-api-key"].strip())  # how Anthropic's SDKs send a key
         if key is None:
             raise errors.Unauthorized(
                 "Missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
                 headers={"www-authenticate": "Bearer"},
             )
-        g.key = key
+        here.key = key
         if trace is not None:
             trace.key_name = key.name
 
     @app.after_request
     async def tag_and_log(response: Response) -> Response:
-        request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        here = g._get_current_object()  # type: ignore[attr-defined]
+        request_id = getattr(here, "request_id", None) or uuid.uuid4().hex
         response.headers["x-request-id"] = request_id
         if state.draining:
             # Hypercorn keeps idle keep-alive connections open while it drains; a
             # proxy that sends its next request on one would reach a gateway that
             # refuses it. Closing after each response sends the proxy elsewhere.
             response.headers["connection"] = "close"
-        held: Exchange | None = request.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+        held: Exchange | None = req.scope.get(EXCHANGE_SCOPE_KEY)
         if held is not None and held.trace is not None:
             held.trace.status_code = response.status_code
         if held is None or held.stats is None:
             # Streams and completions log their own line when they end; this is everything else.
-            if (request.path.startswith("/v1/") or response.status_code >= 400) and request_log.isEnabledFor(logging.INFO):
+            path = req.path
+            if (path.startswith("/v1/") or response.status_code >= 400) and request_log.isEnabledFor(logging.INFO):
                 request_log.info(
                     {
                         "event": "request",
                         "request_id": request_id,
-                        "method": request.method,
-                        "path": request.path,
+                        "method": req.method,
+                        "path": path,
                         "status": response.status_code,
-                        "key": g.key.name if getattr(g, "key", None) is not None else None,
-                        "total_ms": round((trio.current_time() - getattr(g, "started_at", trio.current_time())) * 1000, 3),
+                        "key": here.key.name if getattr(here, "key", None) is not None else None,
+                        "total_ms": round((trio.current_time() - getattr(here, "started_at", trio.current_time())) * 1000, 3),
                     }
                 )
-            if getattr(g, "api", None) is not None and response.status_code >= 400:
-                state.prometheus.request_refused(getattr(g, "model", "-"), response.status_code, g.api)
+            if getattr(here, "api", None) is not None and response.status_code >= 400:
+                state.prometheus.request_refused(getattr(here, "model", "-"), response.status_code, here.api)
         return response
 
     if settings.cors_origins:

@@ -132,7 +132,9 @@ class KeepAliveHTTPConnection(TrioASGIHTTPConnection):
         await super().handle_request(nursery, request, send_in_order)
 
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
-        if not (isinstance(response, Response) and isinstance(response.response, LeavesUpstream)):
+        # Not isinstance(..., LeavesUpstream): a runtime-checkable Protocol's
+        # check costs ~9 us a request here, an attribute lookup ~0.2 us.
+        if not (isinstance(response, Response) and callable(getattr(response.response, "client_gone", None))):
             await super()._send_response(send, response)
             return
         body = self._leaves_upstream = response.response

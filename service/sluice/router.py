@@ -154,7 +154,9 @@ class OpenedStream:
             return
         self._closed = True
         self.deployment.active -= 1
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        # One scope, shielded from the caller's cancellation and bounded by its own
+        # deadline (which a shield does not block): a close never hangs the release.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
             await self.response.aclose()
 
 

@@ -141,15 +141,14 @@ async def relay_api(grammar: Grammar) -> Response:
     """Every streaming API's handler: parse, route, admit, then stream (or complete) through the relay."""
     state = _state()
     settings = state.settings
-    raw = await request.get_data(cache=False)
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not one per read
+    raw = await req.get_data(cache=False)
     parsed = grammar.parse_request(raw, max_model_name_length=settings.max_model_name_length)  # type: ignore[arg-type]
     g.model = parsed.model_name
     trace = _trace(state)
     if trace is not None:
         trace.request(parsed.model_name, parsed.body)
-    policy = choose_backpressure(
-        request.headers.get(BACKPRESSURE_HEADER), parsed.backpressure_strategy, settings.backpressure
-    )
+    policy = choose_backpressure(req.headers.get(BACKPRESSURE_HEADER), parsed.backpressure_strategy, settings.backpressure)
     router = state.router
     assert router is not None
     route = router.route(parsed.model_name, grammar.name)
@@ -239,16 +238,17 @@ async def _admit(state: GatewayState, parsed: ParsedRequest, policy: str, api_na
             f"The gateway's stream buffers are full ({memory.used} of {memory.limit} bytes held); retry shortly.",
             headers={"retry-after": "1"},
         )
-    key = g.key
+    here = g._get_current_object()  # type: ignore[attr-defined]
+    held = exchange()
+    key = here.key
     if key is not None and key.limited:
         try:
             lease = await state.limits.admit(key)
         except errors.RateLimited as refused:
             state.prometheus.rate_limited.labels(refused.limit, key.name).inc()
             raise
-        exchange().admitted = (key, lease)
-    stats = StreamStats(request_id=g.request_id, model=parsed.model_name, policy=policy, stream=parsed.stream, api=api_name)
-    held = exchange()
+        held.admitted = (key, lease)
+    stats = StreamStats(request_id=here.request_id, model=parsed.model_name, policy=policy, stream=parsed.stream, api=api_name)
     held.stats = stats
     stats.trace = held.trace
     state.metrics.stream_started()

@@ -44,6 +44,7 @@ from typing import Any
 
 import httpx2
 import trio
+from httpx2._client import BoundAsyncStream
 
 from .errors import (
     SluiceError,
@@ -86,22 +87,26 @@ class UpstreamClient:
             headers["authorization"] = f"Bearer {api_key}"
         self.base_url = base_url
         self.retry_policy = retry_policy
+        self._transport = UpstreamTransport(
+            # Size the pool to the gateway's stream cap: stream N+1 must not
+            # queue behind a pool limit the gateway itself does not have.
+            limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            socket_options=(
+                [(socket.SOL_SOCKET, socket.SO_RCVBUF, upstream_receive_buffer(receive_buffer))]
+                if receive_buffer
+                else None
+            ),
+        )
+        # The client builds requests (base URL, default headers, timeouts) and
+        # owns the transport's lifetime; requests are sent on the transport
+        # itself (:func:`_send`).
         self._client = httpx2.AsyncClient(
             base_url=base_url + "/",
             headers=headers,
             # The read deadline is the relay's (first token, then idle between
             # reads), managed with one moving cancel scope per stream.
             timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
-            transport=UpstreamTransport(
-                # Size the pool to the gateway's stream cap: stream N+1 must not
-                # queue behind a pool limit the gateway itself does not have.
-                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-                socket_options=(
-                    [(socket.SOL_SOCKET, socket.SO_RCVBUF, upstream_receive_buffer(receive_buffer))]
-                    if receive_buffer
-                    else None
-                ),
-            ),
+            transport=self._transport,
         )
 
         # Requests to one API path differ only in their body: build each path's
@@ -185,7 +190,7 @@ class UpstreamClient:
     async def _forward_once(self, args: tuple[str, str, bytes, list[tuple[bytes, bytes]]]) -> httpx2.Response:
         method, path, body, headers = args
         request = self._client.build_request(method, path.lstrip("/"), content=body or None, headers=headers)
-        response = await _send(self._client, request, stream=False)
+        response = await _send(self._transport, request, stream=False)
         if response.status_code in RETRIABLE_STATUSES:
             raise RetriableUpstreamError(_Relayed(response), retry_after=parse_retry_after(response.headers))
         return response
@@ -231,7 +236,7 @@ class UpstreamClient:
 
     async def _open_stream_once(self, args: tuple[str, bytes, Any]) -> httpx2.Response:
         request = self.post_request(*args)
-        response = await _send(self._client, request, stream=True)
+        response = await _send(self._transport, request, stream=True)
         if response.is_success:
             return response
         try:
@@ -246,13 +251,13 @@ class UpstreamClient:
 
     async def _complete_once(self, args: tuple[str, bytes, Any]) -> httpx2.Response:
         request = self.post_request(*args)
-        response = await _send(self._client, request, stream=False)
+        response = await _send(self._transport, request, stream=False)
         if response.is_success:
             return response
         raise _status_failure(response)
 
     async def _get_once(self, path: str) -> httpx2.Response:
-        response = await _send(self._client, self._client.build_request("GET", path), stream=False)
+        response = await _send(self._transport, self._client.build_request("GET", path), stream=False)
         if response.is_success:
             return response
         raise _status_failure(response)
@@ -281,10 +286,32 @@ def upstream_receive_buffer(requested: int, tcp_rmem: str = "/proc/sys/net/ipv4/
     return max(requested, starting // 2)
 
 
-async def _send(client: httpx2.AsyncClient, request: httpx2.Request, *, stream: bool) -> httpx2.Response:
-    """One attempt; map transport failures to retriable gateway errors."""
+async def _send(transport: httpx2.AsyncBaseTransport, request: httpx2.Request, *, stream: bool) -> httpx2.Response:
+    """One attempt, sent on the transport; map transport failures to retriable gateway errors.
+
+    ``AsyncClient.send`` would add, per request, an auth flow (an async
+    generator; the gateway's credentials are default headers), a redirect
+    check (never followed), cookie extraction into the client's jar (never
+    sent: requests are built without the jar, and a jar shared by every
+    client of the gateway must not hold one client's upstream cookies) and a
+    log call: ~85 us of a 1-token request's ~5.9 ms (issue 17). What the
+    gateway reads of a response is left as the client leaves it: the
+    ``request``, and the stream wrapped in httpx2's ``BoundAsyncStream``,
+    through which :mod:`sluice.upstream_body` finds the connection
+    (``tests/test_upstream_pool.py`` pins both).
+    """
+    started = time.perf_counter()
     try:
-        return await client.send(request, stream=stream)
+        response = await transport.handle_async_request(request)
+        response.request = request
+        response.stream = BoundAsyncStream(response.stream, start=started)  # type: ignore[arg-type]
+        if not stream:
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()  # as AsyncClient.send does
+                raise
+        return response
     except httpx2.TimeoutException as exc:
         raise RetriableUpstreamError(UpstreamTimeout(f"The upstream did not answer in time ({type(exc).__name__}).")) from None
     except (httpx2.ConnectError, httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError) as exc:
