@@ -41,7 +41,7 @@ LAYERS = [
     ("upstream request: routing, retries, httpx2/httpcore2 send and response head", r"StreamRelay\.open"),
     ("upstream body: UpstreamBody and the recv syscalls", r"UpstreamBody\.read"),
     ("relay per batch: EventFramer, the channel and policy (_offer)", r"StreamRelay\._produce"),
-    ("client send: hypercorn's stream_send -> h11 -> send lock -> send syscall", r"HTTPStream\.app_send|GatewayTCPServer\.write_body|GatewayTCPServer\._send_now"),
+    ("client send: the head through hypercorn, body chunks through write_body and _send_now -> send syscall", r"HTTPStream\.app_send|GatewayTCPServer\.write_body|GatewayTCPServer\._send_now"),
     ("consumer: StreamRelay.__anext__ and the channel", r"StreamRelay\.__anext__"),
     ("relay start and end: nursery, release, pool return, figures, log line", r"StreamRelay\.__aexit__|StreamRelay\.__aenter__|StreamRelay\.release"),
     ("Quart: dispatch, before/after request, the route's own code", r"QuartTrio\.handle_request|ASGIHTTPConnection\._send_response"),
