@@ -69,7 +69,7 @@ from sluice.simulator.behaviour import (
     iter_tokens,
     parse_behaviour,
 )
-from sluice.simulator.server import SimulatorStats  # the /sim/stats fields the benchmark reads
+from sluice.simulator.server import SimulatorStats, accept_forever, listening_socket
 
 #: the largest request head and body accepted; the load generator's are a few hundred bytes
 MAX_HEAD = 64 * 1024
@@ -219,24 +219,17 @@ class FastUpstream:
         self._ids = 0
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(4096)
-        listener.setblocking(False)
+        listener = listening_socket(host, port)
         self.port = listener.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(self.port)
-                while True:
-                    await trio.lowlevel.wait_readable(listener)
-                    while True:
-                        try:
-                            sock, _ = listener.accept()
-                        except BlockingIOError:
-                            break
-                        self.stats.connections_accepted += 1
-                        nursery.start_soon(self._serve_connection, Connection(sock))
+
+                def accepted(sock: socket.socket) -> None:
+                    self.stats.connections_accepted += 1
+                    nursery.start_soon(self._serve_connection, Connection(sock))
+
+                await accept_forever(listener, accepted)
         finally:
             listener.close()
 

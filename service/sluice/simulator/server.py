@@ -32,7 +32,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -88,6 +88,28 @@ class SimulatorStats:
         data = asdict(self)
         data["records"] = list(self.records)
         return data
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on ``host:port`` (port 0: any), backlog 4096."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(4096)
+    listener.setblocking(False)
+    return listener
+
+
+async def accept_forever(listener: socket.socket, accepted: Callable[[socket.socket], None]) -> None:
+    """Hand every connection to ``accepted`` as it arrives, draining the backlog at each wakeup; until cancelled."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                break
+            accepted(sock)
 
 
 class _ClientGone(Exception):
@@ -165,24 +187,17 @@ class Simulator:
         self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen and serve until cancelled; ``task_status.started(port)`` once listening."""
-        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(4096)
-        listener.setblocking(False)
+        listener = listening_socket(host, port)
         self.port = listener.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(self.port)
-                while True:
-                    await trio.lowlevel.wait_readable(listener)
-                    while True:
-                        try:
-                            sock, _ = listener.accept()
-                        except BlockingIOError:
-                            break
-                        self.stats.connections_accepted += 1
-                        nursery.start_soon(self._serve_connection, _Socket(sock, self.send_buffer))
+
+                def accepted(sock: socket.socket) -> None:
+                    self.stats.connections_accepted += 1
+                    nursery.start_soon(self._serve_connection, _Socket(sock, self.send_buffer))
+
+                await accept_forever(listener, accepted)
         finally:
             listener.close()
 
