@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from ..errors import SluiceError
 from .grammar import Usage
-from .sse import DEFAULT_MAX_EVENT_SIZE
+from .sse import DEFAULT_MAX_EVENT_SIZE, take_whole_events
 
 
 class NamedEventFramer:
@@ -141,22 +141,13 @@ class NamedEventFramer:
         """Take one upstream read; return the whole events to forward (maybe ``b""``)."""
         if self.finished:
             return b""
-        data = self._pending + chunk if self._pending else chunk
-        held = b""
-        if b"\r" in data:
-            # CRLF and lone CR are SSE line ends too; a final CR may be half a CRLF.
-            if data.endswith(b"\r"):
-                data, held = data[:-1], b"\r"
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            if len(data) > self._max_event_size:
-                self._fail(f"an upstream event exceeded {self._max_event_size} bytes")
-            else:
-                self._pending = data + held
+        taken = take_whole_events(self._pending, chunk, self._max_event_size)
+        if taken is None:
+            self._fail(f"an upstream event exceeded {self._max_event_size} bytes")
             return b""
-        self._pending = data[end + 2 :] + held
-        complete = data[: end + 2]
+        complete, self._pending = taken
+        if not complete:
+            return b""
         if self.content_started and self._plain(complete):
             self._seen(complete)
             self.events += complete.count(b"\n\n")

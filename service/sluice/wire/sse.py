@@ -37,6 +37,29 @@ DONE_EVENT = b"data: [DONE]\n\n"
 DEFAULT_MAX_EVENT_SIZE = 1 << 20  # 1 MiB: far above any real chunk, bounds a runaway event
 
 
+def take_whole_events(pending: bytes, chunk: bytes, max_event_size: int) -> tuple[bytes, bytes] | None:
+    """Join a read to the bytes held from the last; return (its whole events, what to hold for the next).
+
+    Line ends come out as LF: SSE allows CRLF and lone CR too. A CR at the
+    very end may be the first half of a CRLF split across reads, so it is
+    held. The events returned end with a blank line, or are ``b""`` when no
+    event is whole yet. ``None``: no event is whole and what would be held
+    exceeds ``max_event_size`` (the stream is malformed).
+    """
+    data = pending + chunk if pending else chunk
+    held = b""
+    if b"\r" in data:
+        if data.endswith(b"\r"):
+            data, held = data[:-1], b"\r"
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        if len(data) > max_event_size:
+            return None
+        return b"", data + held
+    return data[: end + 2], data[end + 2 :] + held
+
+
 class FramingError(Exception):
     """The upstream sent something that is not a well-formed OpenAI event stream."""
 
@@ -97,24 +120,13 @@ class EventFramer:
         """Take one upstream read; return the complete events to forward."""
         if self.finished:
             return b""
-        data = self._pending + chunk if self._pending else chunk
-        held = b""
-        if b"\r" in data:
-            # SSE allows CRLF and lone CR. A CR at the very end may be the first
-            # half of a CRLF split across reads: hold it for the next read.
-            if data.endswith(b"\r"):
-                data, held = data[:-1], b"\r"
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            if len(data) > self._max_event_size:
-                self._pending = b""
-                self.malformed = f"an upstream event exceeded {self._max_event_size} bytes"
-            else:
-                self._pending = data + held
+        taken = take_whole_events(self._pending, chunk, self._max_event_size)
+        if taken is None:
+            self._pending = b""
+            self.malformed = f"an upstream event exceeded {self._max_event_size} bytes"
             return b""
-        self._pending = data[end + 2 :] + held
-        return self._scan(data[: end + 2])
+        complete, self._pending = taken
+        return self._scan(complete) if complete else b""
 
     def _scan(self, complete: bytes) -> bytes:
         """Check the complete events in one read; cut the payload at the first terminal one."""
