@@ -69,7 +69,7 @@ from sluice.simulator.behaviour import (
     iter_tokens,
     parse_behaviour,
 )
-from sluice.simulator.server import SimulatorStats, accept_forever, listening_socket
+from sluice.simulator.server import ClientGone, RawSocket, SimulatorStats, accept_forever, listening_socket
 
 #: the largest request head and body accepted; the load generator's are a few hundred bytes
 MAX_HEAD = 64 * 1024
@@ -165,48 +165,14 @@ def render(shape: Shape, number: int) -> Rendering:
     return Rendering((STREAM_HEAD, *pieces), (0.0, *(ttft + itl * i for i in range(len(pieces)))))
 
 
-class ClientGone(Exception):
-    """The peer closed or reset the connection."""
+class Connection(RawSocket):
+    """The simulator's raw socket, plus the bytes of a pipelined next request not yet consumed."""
 
-
-class Connection:
-    """A non-blocking socket: sends what the kernel takes, waits for room, never buffers."""
-
-    __slots__ = ("sock", "buffer", "closed")
+    __slots__ = ("buffer",)
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.buffer = b""  # received, not yet consumed (a pipelined next request)
-        self.closed = False
-
-    async def recv(self) -> bytes:
-        while True:
-            try:
-                return self.sock.recv(65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
-            except OSError:
-                return b""
-
-    async def send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
-                continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            view = view[sent:]
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
+        super().__init__(sock)
+        self.buffer = b""
 
 
 class FastUpstream:

@@ -112,12 +112,12 @@ async def accept_forever(listener: socket.socket, accepted: Callable[[socket.soc
             accepted(sock)
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The peer closed or reset the connection."""
 
 
-class _Socket:
-    """A non-blocking socket with just the operations the simulator needs."""
+class RawSocket:
+    """A non-blocking socket with just the operations the simulator (and the benchmark's fast upstream) need."""
 
     __slots__ = ("sock", "closed")
 
@@ -151,7 +151,7 @@ class _Socket:
                 waited += trio.current_time() - began
                 continue
             except OSError as exc:
-                raise _ClientGone(str(exc)) from None
+                raise ClientGone(str(exc)) from None
             view = view[sent:]
         return waited
 
@@ -195,7 +195,7 @@ class Simulator:
 
                 def accepted(sock: socket.socket) -> None:
                     self.stats.connections_accepted += 1
-                    nursery.start_soon(self._serve_connection, _Socket(sock, self.send_buffer))
+                    nursery.start_soon(self._serve_connection, RawSocket(sock, self.send_buffer))
 
                 await accept_forever(listener, accepted)
         finally:
@@ -203,7 +203,7 @@ class Simulator:
 
     # --- HTTP/1.1 ----------------------------------------------------------------------
 
-    async def _serve_connection(self, conn: _Socket) -> None:
+    async def _serve_connection(self, conn: RawSocket) -> None:
         http = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -214,12 +214,12 @@ class Simulator:
                 if conn.closed or http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                     return
                 http.start_next_cycle()
-        except* (_ClientGone, h11.ProtocolError, trio.ClosedResourceError, OSError):
+        except* (ClientGone, h11.ProtocolError, trio.ClosedResourceError, OSError):
             pass  # the peer went away or spoke nonsense: nothing left to answer
         finally:
             conn.close()
 
-    async def _read_request(self, conn: _Socket, http: h11.Connection) -> tuple[h11.Request | None, bytes]:
+    async def _read_request(self, conn: RawSocket, http: h11.Connection) -> tuple[h11.Request | None, bytes]:
         request: h11.Request | None = None
         body = bytearray()
         while True:
@@ -238,14 +238,14 @@ class Simulator:
                 return None, b""
 
     async def _send_simple(
-        self, conn: _Socket, http: h11.Connection, status: int, body: bytes, extra: list[tuple[str, str]] | None = None
+        self, conn: RawSocket, http: h11.Connection, status: int, body: bytes, extra: list[tuple[str, str]] | None = None
     ) -> None:
         headers = [("content-type", "application/json"), ("content-length", str(len(body))), *(extra or [])]
         data = http.send(h11.Response(status_code=status, headers=headers))
         data += http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage())
         await conn.send_all(data)
 
-    async def _dispatch(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+    async def _dispatch(self, conn: RawSocket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         path = request.target.decode("latin-1").split("?", 1)[0]
         method = request.method.decode("latin-1")
         api = APIS.get(path)
@@ -272,23 +272,23 @@ class Simulator:
         else:
             await route[1](conn, http, request, body)
 
-    async def _models(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+    async def _models(self, conn: RawSocket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         models = {"object": "list", "data": [{"id": "sim", "object": "model", "created": 0, "owned_by": "sluice-simulator"}]}
         await self._send_simple(conn, http, 200, json.dumps(models).encode())
 
-    async def _stats_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+    async def _stats_route(self, conn: RawSocket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         await self._send_simple(conn, http, 200, json.dumps(self.stats.as_json()).encode())
 
-    async def _health_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+    async def _health_route(self, conn: RawSocket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         await self._send_simple(conn, http, 200, json.dumps({"status": "ok", "active_requests": self.stats.active_requests}).encode())
 
-    async def _reset_route(self, conn: _Socket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
+    async def _reset_route(self, conn: RawSocket, http: h11.Connection, request: h11.Request, body: bytes) -> None:
         self.reset()
         await self._send_simple(conn, http, 200, b'{"reset":true}')
 
     # --- the model APIs ------------------------------------------------------------------
 
-    async def _api(self, conn: _Socket, http: h11.Connection, request: h11.Request, raw: bytes, api: Api) -> None:
+    async def _api(self, conn: RawSocket, http: h11.Connection, request: h11.Request, raw: bytes, api: Api) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
 
         async def refuse(message: str, param: str | None, code: str | None) -> None:
@@ -338,7 +338,7 @@ class Simulator:
         stats.records.append(record)
         try:
             await self._answer(conn, http, api, exchange, behaviour, plan, record)
-        except _ClientGone:
+        except ClientGone:
             record["outcome"] = "closed_by_client"
             record["closed_at"] = record["closed_at"] or time.monotonic()
         finally:
@@ -368,7 +368,7 @@ class Simulator:
 
     async def _answer(
         self,
-        conn: _Socket,
+        conn: RawSocket,
         http: h11.Connection,
         api: Api,
         exchange: Exchange,
@@ -411,7 +411,7 @@ class Simulator:
         await self._send_simple(conn, http, 200, api.body(exchange, answer))
         record["outcome"] = "completed"
 
-    async def _watching(self, conn: _Socket, http: h11.Connection, record: dict[str, Any], fn: Any, *args: Any) -> None:
+    async def _watching(self, conn: RawSocket, http: h11.Connection, record: dict[str, Any], fn: Any, *args: Any) -> None:
         """Run ``fn`` while watching the socket; a client that goes away cancels it at once."""
         gone = False
         async with trio.open_nursery() as nursery:
@@ -437,7 +437,7 @@ class Simulator:
             nursery.start_soon(watch)
             try:
                 await fn(*args)
-            except _ClientGone:
+            except ClientGone:
                 # A write failed first (reset by the peer): same outcome, raised
                 # below, outside the nursery, so callers never see a group.
                 gone = True
@@ -445,11 +445,11 @@ class Simulator:
             finally:
                 nursery.cancel_scope.cancel()
         if gone:
-            raise _ClientGone("the client closed the connection")
+            raise ClientGone("the client closed the connection")
 
     async def _stream(
         self,
-        conn: _Socket,
+        conn: RawSocket,
         http: h11.Connection,
         behaviour: Behaviour,
         renderer: StreamRenderer,
@@ -503,7 +503,7 @@ class Simulator:
 
     async def _strike(
         self,
-        conn: _Socket,
+        conn: RawSocket,
         http: h11.Connection,
         behaviour: Behaviour,
         renderer: StreamRenderer,
