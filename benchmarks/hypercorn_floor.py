@@ -36,6 +36,7 @@ collector is set as Sluice sets it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -152,19 +153,54 @@ class Pool:
             stream.socket.close()
 
 
+async def lifespan(receive: Any, send: Any) -> None:
+    """Answer the ASGI lifespan protocol until shutdown (nothing to start or stop)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def pump(produce: Callable[[trio.MemorySendChannel[bytes]], Awaitable[None]], receive: Any, send: Any) -> None:
+    """The shape every floor shares with Sluice: ``produce`` -> bounded channel -> batching consumer, in one nursery.
+
+    The consumer drains what is queued (``receive_nowait`` until it would
+    block) into one ASGI body send; a watcher cancels the nursery on
+    ``http.disconnect``, so the producer's upstream is abandoned at once.
+    """
+    sender, receiver = trio.open_memory_channel[bytes](CAPACITY)
+
+    async def watch_disconnect(scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_disconnect, nursery.cancel_scope)
+        nursery.start_soon(produce, sender)
+        async for data in receiver:
+            parts = [data]
+            while True:
+                try:
+                    parts.append(receiver.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await send({"type": "http.response.body", "body": data if len(parts) == 1 else b"".join(parts), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        nursery.cancel_scope.cancel()
+
+
 def make_app(upstream_port: int) -> Any:
     pool = Pool(upstream_port)
     host = b"127.0.0.1:%d" % upstream_port
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = b""
@@ -205,9 +241,7 @@ async def relay(
         if length is not None:
             out_headers.append((b"content-length", length))
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
-        sender, receiver = trio.open_memory_channel[bytes](CAPACITY)
-
-        async def produce() -> None:
+        async def produce(sender: trio.MemorySendChannel[bytes]) -> None:
             nonlocal clean
             async with sender:
                 if b"chunked" in headers.get(b"transfer-encoding", b""):
@@ -238,24 +272,7 @@ async def relay(
                         if not data:
                             return
 
-        async def watch_disconnect(scope: trio.CancelScope) -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_disconnect, nursery.cancel_scope)
-            nursery.start_soon(produce)
-            async for data in receiver:
-                parts = [data]
-                while True:
-                    try:
-                        parts.append(receiver.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await send({"type": "http.response.body", "body": data if len(parts) == 1 else b"".join(parts), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            nursery.cancel_scope.cancel()
+        await pump(produce, receive, send)
     finally:
         if clean and headers.get(b"connection", b"").lower() != b"close":
             pool.give_back(upstream)

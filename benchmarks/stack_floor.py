@@ -25,6 +25,8 @@ from hypercorn.trio import serve
 from sluice.server import LISTEN_BACKLOG, freeze_startup_heap
 from sluice.upstream_body import UpstreamBody
 
+from .hypercorn_floor import lifespan, pump
+
 HEAD = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -36,13 +38,8 @@ def make_app(upstream_url: str) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()
@@ -53,9 +50,8 @@ def make_app(upstream_url: str) -> Any:
         response = await client.send(request, stream=True)
         try:
             await send({"type": "http.response.start", "status": response.status_code, "headers": HEAD})
-            sender, receiver = trio.open_memory_channel[bytes](16)
 
-            async def produce() -> None:
+            async def produce(sender: trio.MemorySendChannel[bytes]) -> None:
                 async with sender:
                     upstream_body = UpstreamBody(response)
                     try:
@@ -64,26 +60,7 @@ def make_app(upstream_url: str) -> Any:
                     finally:
                         await upstream_body.aclose()
 
-            async def cancel_on_disconnect(scope: trio.CancelScope) -> None:
-                # As quart-trio does: a client gone is an http.disconnect on receive.
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_on_disconnect, nursery.cancel_scope)
-                nursery.start_soon(produce)
-                async for chunk in receiver:
-                    # Batching as Sluice and hypercorn-floor do: what is queued goes in one write.
-                    parts = [chunk]
-                    while True:
-                        try:
-                            parts.append(receiver.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    await send({"type": "http.response.body", "body": chunk if len(parts) == 1 else b"".join(parts), "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                nursery.cancel_scope.cancel()
+            await pump(produce, receive, send)
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
