@@ -17,12 +17,6 @@ GATEWAY_CORE = 0
 LOAD_CORE = 1 if (os.cpu_count() or 1) > 1 else 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start(cmd: list[str], core: int | str, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a process pinned to one core; its output goes to a log file, not a pipe that could fill."""
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -31,7 +31,9 @@ import sys
 import time
 from typing import Any
 
-from .procs import GATEWAY_CORE, LOAD_CORE, free_port, http_json, run_loadgen, start, stop, wait_port
+from deploy.fleet import free_port
+
+from .procs import GATEWAY_CORE, LOAD_CORE, http_json, run_loadgen, start, stop, wait_port
 from .scenarios import pct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -45,7 +45,9 @@ import sys
 import time
 from typing import Any
 
-from .procs import GATEWAY_CORE, LOAD_CORE, free_port, http_json, rss_mb, start, stop, wait_port
+from deploy.fleet import free_ports
+
+from .procs import GATEWAY_CORE, LOAD_CORE, http_json, rss_mb, start, stop, wait_port
 
 #: ~8 MB of events per stream (16 choices x 3 000 tokens), sent as fast as the sockets take them
 MODEL = "sim:tokens=3000,seed=stall-{i}"
@@ -142,7 +144,7 @@ def run_one(
     env = {"SLUICE_STALL_TIMEOUT": "0", "SLUICE_LOG_LEVEL": "WARNING", **extra_env}
     if source:
         env["PYTHONPATH"] = os.path.join(os.path.abspath(source), "service")
-    sim_port, gw_port = free_port(), free_port()
+    sim_port, gw_port = free_ports(2)
     cli = [sys.executable, "-m", "sluice.cli"]
     simulator = start([*cli, "simulate", "--port", str(sim_port)], LOAD_CORE, env=env)
     gateway = None

@@ -41,7 +41,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .procs import GATEWAY_CORE, LOAD_CORE, free_port, http_json, start, stop, wait_port
+from deploy.fleet import free_port
+
+from .procs import GATEWAY_CORE, LOAD_CORE, http_json, start, stop, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GATEWAYS = ("direct", "hypercorn-floor", "stack-floor", "quart-floor", "nginx", "sluice")

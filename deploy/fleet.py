@@ -95,10 +95,26 @@ http {{
 # --- helpers ------------------------------------------------------------------------
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports on 127.0.0.1.
+
+    The sockets are held open together while the kernel picks, so no port is
+    handed out twice (picked one at a time and released, the same port can
+    come back: a live check once started its gateway on its simulator's
+    port). Still free only until someone else binds them: start at once.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _which(name: str) -> str | None:
@@ -250,7 +266,7 @@ class Fleet:
         )
 
         self.gateways_use_redis = serve_supports("--redis-url")
-        self.gateway_ports = [free_port() for _ in range(self.gateway_count)]
+        self.gateway_ports = free_ports(self.gateway_count)
         self.gateway_procs = [self._spawn_gateway(i) for i in range(self.gateway_count)]
 
         self.nginx_port = free_port()

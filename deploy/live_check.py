@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from deploy.dashboard_check import EXPECTED_SOON
+from deploy.fleet import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -96,12 +96,6 @@ scrape_configs:
     static_configs: [{{targets: ["127.0.0.1:{gateway}"]}}]
 """
 KEYS = {"LIVE_CHECK_TEAM_KEY": "sk-live-team", "LIVE_CHECK_LIMITED_KEY": "sk-live-limited"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str) -> dict:
@@ -167,7 +161,7 @@ def main() -> int:
         for panel in dashboard["panels"]
         for target in panel.get("targets", [])
     ]
-    sim_a, sim_b, gateway, prometheus = (free_port() for _ in range(4))
+    sim_a, sim_b, gateway, prometheus = free_ports(4)
     processes: list[subprocess.Popen] = []
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="sluice-live-check-") as work:

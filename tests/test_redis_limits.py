@@ -19,7 +19,7 @@ import httpx2
 import pytest
 import trio
 
-from deploy.fleet import ensure_binary, free_port, redis_ready
+from deploy.fleet import ensure_binary, free_port, free_ports, redis_ready
 from sluice.config import DeploymentConfig, ModelConfig, VirtualKeyConfig
 
 from .rawclient import RawStream
@@ -149,7 +149,7 @@ async def test_a_requests_per_minute_limit_holds_across_two_gateway_processes(
     config.write_text(
         '[[keys]]\nname = "team"\nkey_env = "SLUICE_TEST_SHARED_KEY"\nrequests_per_minute = 4\n'
     )
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     env = {**os.environ, "SLUICE_TEST_SHARED_KEY": team_key}
     processes = [
         subprocess.Popen(
